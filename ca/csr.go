@@ -1,0 +1,136 @@
+package ca
+
+import (
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/asn1"
+	"encoding/pem"
+	"errors"
+	"fmt"
+)
+
+// MaxCSRBytes is the largest CSR PEM accepted; larger ones are refused
+// before any parsing. A real workload CSR is under 2 KiB.
+const MaxCSRBytes = 64 << 10
+
+// ErrBadCSR is wrapped by every CSR rejection (*CSRError).
+var ErrBadCSR = errors.New("bad CSR")
+
+// Reasons a CSR is refused. They are metric label values.
+const (
+	CSRTooLarge           = "too_large"
+	CSREmpty              = "empty"
+	CSRNotPEM             = "not_pem"
+	CSRMalformed          = "malformed"
+	CSRBadSignature       = "bad_signature"
+	CSRRequestsCA         = "requests_ca"
+	CSRForbiddenExtension = "forbidden_extension"
+	CSRKeyType            = "key_type"
+)
+
+// CSRError is a refused CSR. Its message is safe to send to the client and
+// to log: it names the problem, never the CSR's contents beyond that.
+type CSRError struct {
+	Reason string
+	Detail string
+}
+
+func (e *CSRError) Error() string { return "bad CSR: " + e.Detail }
+
+// Unwrap makes every *CSRError match ErrBadCSR.
+func (e *CSRError) Unwrap() error { return ErrBadCSR }
+
+func csrErr(reason, format string, args ...any) *CSRError {
+	return &CSRError{Reason: reason, Detail: fmt.Sprintf(format, args...)}
+}
+
+var (
+	oidExtSAN              = asn1.ObjectIdentifier{2, 5, 29, 17}
+	oidExtKeyUsage         = asn1.ObjectIdentifier{2, 5, 29, 15}
+	oidExtExtKeyUsage      = asn1.ObjectIdentifier{2, 5, 29, 37}
+	oidExtBasicConstraints = asn1.ObjectIdentifier{2, 5, 29, 19}
+)
+
+// ParseCSR decodes one PEM CSR, verifies its self-signature and refuses
+// requests for CA certificates or for extensions other than subject
+// alternative names, key usage and extended key usage, or with a key of a
+// type meshca never accepts. It returns the key's type for the policy's
+// allow-list; the identity is checked by authn.CheckCSR.
+func ParseCSR(pemBytes []byte) (*x509.CertificateRequest, KeyType, error) {
+	switch {
+	case len(pemBytes) > MaxCSRBytes:
+		return nil, "", csrErr(CSRTooLarge, "CSR is %d bytes, the limit is %d", len(pemBytes), MaxCSRBytes)
+	case len(pemBytes) == 0:
+		return nil, "", csrErr(CSREmpty, "CSR is empty")
+	}
+	block, _ := pem.Decode(pemBytes)
+	if block == nil {
+		return nil, "", csrErr(CSRNotPEM, "CSR is not PEM: want a -----BEGIN CERTIFICATE REQUEST----- block")
+	}
+	if block.Type != "CERTIFICATE REQUEST" && block.Type != "NEW CERTIFICATE REQUEST" {
+		return nil, "", csrErr(CSRNotPEM, "CSR PEM block is %q, want \"CERTIFICATE REQUEST\"", block.Type)
+	}
+	csr, err := x509.ParseCertificateRequest(block.Bytes)
+	if err != nil {
+		return nil, "", csrErr(CSRMalformed, "CSR is not a valid PKCS#10 request: %v", err)
+	}
+	for _, ext := range csr.Extensions {
+		switch {
+		case ext.Id.Equal(oidExtSAN), ext.Id.Equal(oidExtKeyUsage), ext.Id.Equal(oidExtExtKeyUsage):
+		case ext.Id.Equal(oidExtBasicConstraints):
+			var bc struct {
+				IsCA bool `asn1:"optional"`
+			}
+			if _, err := asn1.Unmarshal(ext.Value, &bc); err == nil && bc.IsCA {
+				return nil, "", csrErr(CSRRequestsCA, "CSR asks for a CA certificate (basicConstraints CA:TRUE); meshca issues workload certificates only")
+			}
+			return nil, "", csrErr(CSRForbiddenExtension, "CSR carries a basicConstraints extension; only subjectAltName, keyUsage and extKeyUsage are allowed")
+		default:
+			return nil, "", csrErr(CSRForbiddenExtension, "CSR carries extension %s; only subjectAltName, keyUsage and extKeyUsage are allowed", ext.Id)
+		}
+	}
+	kt, err := KeyTypeOf(csr)
+	if err != nil {
+		return nil, "", err
+	}
+	// Checked last: it is the expensive step, and the checks above refuse
+	// cheaply what would be refused anyway.
+	if err := csr.CheckSignature(); err != nil {
+		return nil, "", csrErr(CSRBadSignature, "CSR signature does not verify with its own public key")
+	}
+	return csr, kt, nil
+}
+
+// KeyTypeOf names the CSR's public key, or returns a *CSRError for a key
+// meshca never accepts (RSA below 2048 or of odd size, curves other than
+// P-256 and P-384).
+func KeyTypeOf(csr *x509.CertificateRequest) (KeyType, error) {
+	switch k := csr.PublicKey.(type) {
+	case *ecdsa.PublicKey:
+		switch k.Curve {
+		case elliptic.P256():
+			return KeyECDSAP256, nil
+		case elliptic.P384():
+			return KeyECDSAP384, nil
+		}
+		return "", csrErr(CSRKeyType, "CSR key is ECDSA %s", k.Curve.Params().Name)
+	case *rsa.PublicKey:
+		switch n := k.N.BitLen(); n {
+		case 2048:
+			return KeyRSA2048, nil
+		case 3072:
+			return KeyRSA3072, nil
+		case 4096:
+			return KeyRSA4096, nil
+		default:
+			return "", csrErr(CSRKeyType, "CSR key is RSA-%d", n)
+		}
+	case ed25519.PublicKey:
+		return KeyEd25519, nil
+	default:
+		return "", csrErr(CSRKeyType, "CSR key is of type %T", k)
+	}
+}

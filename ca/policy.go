@@ -1,0 +1,273 @@
+package ca
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+)
+
+// KeyType names a leaf public key algorithm and size in policies, metrics
+// and audit lines.
+type KeyType string
+
+// The key types meshca knows. Anything else in a CSR is refused.
+const (
+	KeyECDSAP256 KeyType = "ECDSA-P256"
+	KeyECDSAP384 KeyType = "ECDSA-P384"
+	KeyRSA2048   KeyType = "RSA-2048"
+	KeyRSA3072   KeyType = "RSA-3072"
+	KeyRSA4096   KeyType = "RSA-4096"
+	KeyEd25519   KeyType = "Ed25519"
+)
+
+// knownKeyTypes is every KeyType a policy may allow.
+var knownKeyTypes = []KeyType{KeyECDSAP256, KeyECDSAP384, KeyRSA2048, KeyRSA3072, KeyRSA4096, KeyEd25519}
+
+// Rule is one level of the rotation policy. A nil or zero field is unset and
+// inherits from the next wider level: service account, then namespace, then
+// the mesh-wide default, the way Istio layers PeerAuthentication.
+type Rule struct {
+	// DefaultTTL is the lifetime given when a request asks for none.
+	DefaultTTL time.Duration `yaml:"defaultTTL"`
+	// MinTTL and MaxTTL bound a requested lifetime; requests outside are
+	// clamped, and the clamp is counted.
+	MinTTL time.Duration `yaml:"minTTL"`
+	MaxTTL time.Duration `yaml:"maxTTL"`
+	// RenewFraction is the point in a certificate's life, in (0, 1], at
+	// which SDS pushes a new one and agents are told to renew.
+	RenewFraction *float64 `yaml:"renewFraction"`
+	// RenewJitter moves each renewal earlier by a random amount up to it.
+	RenewJitter *time.Duration `yaml:"renewJitter"`
+	// KeyTypes is the allow-list of leaf key types.
+	KeyTypes []KeyType `yaml:"keyTypes"`
+}
+
+// Policy is the rotation policy the security team owns.
+type Policy struct {
+	// Default is the mesh-wide rule. Its unset fields take built-in defaults.
+	Default Rule `yaml:"default"`
+	// Namespaces holds per-namespace rules, keyed by namespace.
+	Namespaces map[string]Rule `yaml:"namespaces"`
+	// ServiceAccounts holds per-service-account rules keyed "namespace/name".
+	ServiceAccounts map[string]Rule `yaml:"serviceAccounts"`
+}
+
+// Built-in defaults, used where even the mesh-wide rule is silent. They
+// match Istio's: 24h leaves, renewed at half-life.
+const (
+	DefaultTTL           = 24 * time.Hour
+	DefaultMinTTL        = 10 * time.Minute
+	DefaultMaxTTL        = 7 * 24 * time.Hour
+	DefaultRenewFraction = 0.5
+	DefaultRenewJitter   = 5 * time.Minute
+)
+
+// DefaultKeyTypes is the built-in key allow-list: ECDSA P-256/P-384 and
+// RSA 2048/3072/4096. Ed25519 must be allowed explicitly.
+var DefaultKeyTypes = []KeyType{KeyECDSAP256, KeyECDSAP384, KeyRSA2048, KeyRSA3072, KeyRSA4096}
+
+// Effective is the resolved rule for one service account, with the level
+// each value came from ("built-in", "default", "namespaces.<ns>",
+// "serviceAccounts.<ns>/<sa>") for `meshca policy explain`.
+type Effective struct {
+	DefaultTTL    time.Duration
+	MinTTL        time.Duration
+	MaxTTL        time.Duration
+	RenewFraction float64
+	RenewJitter   time.Duration
+	KeyTypes      []KeyType
+	// Source maps a field's YAML name to the level that set it.
+	Source map[string]string
+}
+
+// Resolve returns the effective rule for namespace/serviceAccount: each
+// field from the narrowest level that sets it. It is on the issuance hot
+// path, so it records no sources; Explain does.
+func (p *Policy) Resolve(namespace, serviceAccount string) Effective {
+	return p.resolve(namespace, serviceAccount, false)
+}
+
+// Explain is Resolve with Effective.Source filled in.
+func (p *Policy) Explain(namespace, serviceAccount string) Effective {
+	return p.resolve(namespace, serviceAccount, true)
+}
+
+func (p *Policy) resolve(namespace, serviceAccount string, explain bool) Effective {
+	e := Effective{
+		DefaultTTL: DefaultTTL, MinTTL: DefaultMinTTL, MaxTTL: DefaultMaxTTL,
+		RenewFraction: DefaultRenewFraction, RenewJitter: DefaultRenewJitter,
+		KeyTypes: DefaultKeyTypes,
+	}
+	if explain {
+		e.Source = map[string]string{
+			"defaultTTL": "built-in", "minTTL": "built-in", "maxTTL": "built-in",
+			"renewFraction": "built-in", "renewJitter": "built-in", "keyTypes": "built-in",
+		}
+	}
+	e.apply(p.Default, "default")
+	if r, ok := p.Namespaces[namespace]; ok {
+		e.apply(r, "namespaces."+namespace)
+	}
+	if len(p.ServiceAccounts) > 0 {
+		key := namespace + "/" + serviceAccount
+		if r, ok := p.ServiceAccounts[key]; ok {
+			e.apply(r, "serviceAccounts."+key)
+		}
+	}
+	return e
+}
+
+// set records that level set field, when explaining.
+func (e *Effective) set(field, level string) {
+	if e.Source != nil {
+		e.Source[field] = level
+	}
+}
+
+func (e *Effective) apply(r Rule, level string) {
+	if r.DefaultTTL != 0 {
+		e.DefaultTTL = r.DefaultTTL
+		e.set("defaultTTL", level)
+	}
+	if r.MinTTL != 0 {
+		e.MinTTL = r.MinTTL
+		e.set("minTTL", level)
+	}
+	if r.MaxTTL != 0 {
+		e.MaxTTL = r.MaxTTL
+		e.set("maxTTL", level)
+	}
+	if r.RenewFraction != nil {
+		e.RenewFraction = *r.RenewFraction
+		e.set("renewFraction", level)
+	}
+	if r.RenewJitter != nil {
+		e.RenewJitter = *r.RenewJitter
+		e.set("renewJitter", level)
+	}
+	if r.KeyTypes != nil {
+		e.KeyTypes = r.KeyTypes
+		e.set("keyTypes", level)
+	}
+}
+
+// Clamp is what TTL did to a requested lifetime.
+type Clamp string
+
+// Clamp outcomes; also the values of the metric label "bound".
+const (
+	ClampNone Clamp = ""
+	ClampMin  Clamp = "min"
+	ClampMax  Clamp = "max"
+)
+
+// TTL returns the lifetime for a request of requested (0 means "the
+// default") and whether it was clamped into [MinTTL, MaxTTL].
+func (e Effective) TTL(requested time.Duration) (time.Duration, Clamp) {
+	switch {
+	case requested == 0:
+		return e.DefaultTTL, ClampNone
+	case requested < e.MinTTL:
+		return e.MinTTL, ClampMin
+	case requested > e.MaxTTL:
+		return e.MaxTTL, ClampMax
+	default:
+		return requested, ClampNone
+	}
+}
+
+// Allows reports whether key type k is on the allow-list.
+func (e Effective) Allows(k KeyType) bool { return slices.Contains(e.KeyTypes, k) }
+
+// Validate checks the policy and every rule as it resolves, and names the
+// offending field by its dotted path.
+func (p *Policy) Validate() error {
+	var errs []error
+	errs = append(errs, validateRule("default", p.Default))
+	for _, ns := range sortedKeys(p.Namespaces) {
+		if ns == "" || strings.Contains(ns, "/") {
+			errs = append(errs, fmt.Errorf("namespaces.%s: not a namespace name", ns))
+		}
+		errs = append(errs, validateRule("namespaces."+ns, p.Namespaces[ns]))
+	}
+	for _, key := range sortedKeys(p.ServiceAccounts) {
+		ns, sa, ok := strings.Cut(key, "/")
+		if !ok || ns == "" || sa == "" || strings.Contains(sa, "/") {
+			errs = append(errs, fmt.Errorf("serviceAccounts.%s: key must be <namespace>/<serviceaccount>", key))
+		}
+		errs = append(errs, validateRule("serviceAccounts."+key, p.ServiceAccounts[key]))
+	}
+	// Levels may each be valid and still combine badly (a namespace maxTTL
+	// below the mesh default TTL): check every resolved combination.
+	check := func(path, ns, sa string) {
+		e := p.Explain(ns, sa)
+		if e.MinTTL > e.MaxTTL {
+			errs = append(errs, fmt.Errorf("%s: minTTL %s (from %s) exceeds maxTTL %s (from %s)", path, e.MinTTL, e.Source["minTTL"], e.MaxTTL, e.Source["maxTTL"]))
+		}
+		if e.DefaultTTL < e.MinTTL || e.DefaultTTL > e.MaxTTL {
+			errs = append(errs, fmt.Errorf("%s: defaultTTL %s (from %s) is outside [minTTL %s, maxTTL %s]", path, e.DefaultTTL, e.Source["defaultTTL"], e.MinTTL, e.MaxTTL))
+		}
+		if e.RenewJitter >= e.MinTTL {
+			errs = append(errs, fmt.Errorf("%s: renewJitter %s (from %s) must be shorter than minTTL %s (from %s)", path, e.RenewJitter, e.Source["renewJitter"], e.MinTTL, e.Source["minTTL"]))
+		}
+	}
+	check("default", "", "")
+	for _, ns := range sortedKeys(p.Namespaces) {
+		check("namespaces."+ns, ns, "")
+	}
+	for _, key := range sortedKeys(p.ServiceAccounts) {
+		ns, sa, _ := strings.Cut(key, "/")
+		check("serviceAccounts."+key, ns, sa)
+	}
+	return errors.Join(errs...)
+}
+
+func validateRule(path string, r Rule) error {
+	var errs []error
+	for name, d := range map[string]time.Duration{"defaultTTL": r.DefaultTTL, "minTTL": r.MinTTL, "maxTTL": r.MaxTTL} {
+		if d < 0 {
+			errs = append(errs, fmt.Errorf("%s.%s: must not be negative, got %s", path, name, d))
+		}
+	}
+	if r.RenewFraction != nil && (*r.RenewFraction <= 0 || *r.RenewFraction > 1) {
+		errs = append(errs, fmt.Errorf("%s.renewFraction: must be in (0, 1], got %v", path, *r.RenewFraction))
+	}
+	if r.RenewJitter != nil && *r.RenewJitter < 0 {
+		errs = append(errs, fmt.Errorf("%s.renewJitter: must not be negative, got %s", path, *r.RenewJitter))
+	}
+	if r.KeyTypes != nil && len(r.KeyTypes) == 0 {
+		errs = append(errs, fmt.Errorf("%s.keyTypes: must allow at least one key type (omit it to inherit)", path))
+	}
+	for i, k := range r.KeyTypes {
+		if !slices.Contains(knownKeyTypes, k) {
+			errs = append(errs, fmt.Errorf("%s.keyTypes[%d]: unknown key type %q, want one of %s", path, i, k, keyTypeList(knownKeyTypes)))
+		}
+	}
+	sortErrs(errs)
+	return errors.Join(errs...)
+}
+
+func keyTypeList(ks []KeyType) string {
+	s := make([]string, len(ks))
+	for i, k := range ks {
+		s[i] = string(k)
+	}
+	return strings.Join(s, ", ")
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// sortErrs orders errors built from map iteration so messages are stable.
+func sortErrs(errs []error) {
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+}
