@@ -1,0 +1,410 @@
+package service_test
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/meshca/meshca/authn"
+	"github.com/meshca/meshca/backends/selfsigned"
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/service"
+)
+
+var td = spiffeid.RequireTrustDomainFromString("cluster.local")
+
+// tokenTable is a state-based fake authenticator: a token is valid if it
+// is in the table. The real token checks are tested in authn/kube and in
+// test/e2e against a real kube-apiserver.
+type tokenTable map[string]*authn.Caller
+
+func (tt tokenTable) Authenticate(_ context.Context, creds authn.Credentials) (*authn.Caller, error) {
+	if creds.Token == "" {
+		return nil, authn.ErrNoCredentials
+	}
+	c, ok := tt[creds.Token]
+	if !ok {
+		return nil, authn.Fail(authn.ReasonBadSignature, "token not recognised")
+	}
+	cc := *c
+	return &cc, nil
+}
+
+// switchableBackend is a Backend that can be taken down, for outage tests.
+type switchableBackend struct {
+	ca.Backend
+	down atomic.Bool
+}
+
+func (b *switchableBackend) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
+	if b.down.Load() {
+		return nil, errors.New("upstream CA connection refused")
+	}
+	return b.Backend.Sign(ctx, req)
+}
+
+// syncBuffer is an audit sink safe for the server's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) lines(t *testing.T) []map[string]any {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(s.b.String()), "\n") {
+		if l == "" {
+			continue
+		}
+		m := map[string]any{}
+		require.NoError(t, json.Unmarshal([]byte(l), &m), l)
+		out = append(out, m)
+	}
+	return out
+}
+
+type fixture struct {
+	client  pb.IstioCertificateServiceClient
+	dial    func(cert *tls.Certificate) pb.IstioCertificateServiceClient
+	backend *switchableBackend
+	metrics *ca.Metrics
+	audit   *syncBuffer
+	roots   *x509.CertPool
+}
+
+func newFixture(t *testing.T, policy *ca.Policy) *fixture {
+	t.Helper()
+	ss, err := selfsigned.New(selfsigned.Config{Intermediate: true})
+	require.NoError(t, err)
+	backend := &switchableBackend{Backend: ss}
+	if policy == nil {
+		policy = &ca.Policy{}
+	}
+	store, err := ca.NewPolicyStore(policy)
+	require.NoError(t, err)
+	metrics, err := ca.NewMetrics(prometheus.NewRegistry())
+	require.NoError(t, err)
+	core, err := ca.New(ca.Config{Backend: backend, Policy: store, Metrics: metrics})
+	require.NoError(t, err)
+	cc, err := authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: ss.TrustBundle})
+	require.NoError(t, err)
+	mk := func(ns, sa string) *authn.Caller {
+		id, err := authn.ServiceAccountID(td, ns, sa)
+		require.NoError(t, err)
+		return &authn.Caller{ID: id, Namespace: ns, ServiceAccount: sa, PodName: "p-1"}
+	}
+	chain, err := authn.NewChain(
+		authn.Named{Name: "clientcert", Authenticator: cc},
+		authn.Named{Name: "table", Authenticator: tokenTable{"tok-web": mk("demo", "web"), "tok-short": mk("short", "lived")}},
+	)
+	require.NoError(t, err)
+	audit := &syncBuffer{}
+	svc, err := service.New(service.Config{CA: core, Authenticator: chain, Metrics: metrics, Audit: ca.NewAuditor(audit)})
+	require.NoError(t, err)
+
+	serving, err := ca.NewServingCert(t.Context(), ca.ServingConfig{Backend: ss, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}})
+	require.NoError(t, err)
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
+		GetCertificate: serving.GetCertificate, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
+	})), grpc.MaxRecvMsgSize(256<<10))
+	svc.Register(srv)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	go srv.Serve(lis)
+	t.Cleanup(srv.Stop)
+
+	roots := x509.NewCertPool()
+	bundle, err := ss.TrustBundle(t.Context())
+	require.NoError(t, err)
+	for _, r := range bundle {
+		roots.AddCert(r)
+	}
+	dial := func(cert *tls.Certificate) pb.IstioCertificateServiceClient {
+		cfg := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1"}
+		if cert != nil {
+			cfg.Certificates = []tls.Certificate{*cert}
+		}
+		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		require.NoError(t, err)
+		t.Cleanup(func() { conn.Close() })
+		return pb.NewIstioCertificateServiceClient(conn)
+	}
+	return &fixture{client: dial(nil), dial: dial, backend: backend, metrics: metrics, audit: audit, roots: roots}
+}
+
+func csrFor(t *testing.T, key crypto.Signer, edit func(*x509.CertificateRequest), uris ...string) string {
+	t.Helper()
+	tmpl := &x509.CertificateRequest{}
+	for _, u := range uris {
+		pu, err := url.Parse(u)
+		require.NoError(t, err)
+		tmpl.URIs = append(tmpl.URIs, pu)
+	}
+	if edit != nil {
+		edit(tmpl)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	require.NoError(t, err)
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+}
+
+func bearer(t *testing.T, tok string) context.Context {
+	return metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer "+tok)
+}
+
+func parseChain(t *testing.T, chain []string) []*x509.Certificate {
+	t.Helper()
+	var certs []*x509.Certificate
+	for _, p := range chain {
+		b, _ := pem.Decode([]byte(p))
+		require.NotNil(t, b)
+		c, err := x509.ParseCertificate(b.Bytes)
+		require.NoError(t, err)
+		certs = append(certs, c)
+	}
+	return certs
+}
+
+const webID = "spiffe://cluster.local/ns/demo/sa/web"
+
+func TestCreateCertificate(t *testing.T) {
+	f := newFixture(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 24 * time.Hour, MinTTL: time.Hour, MaxTTL: 48 * time.Hour}})
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	resp, err := f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{
+		Csr: csrFor(t, key, nil, webID), ValidityDuration: int64((2 * time.Hour).Seconds()),
+	})
+	require.NoError(t, err)
+	certs := parseChain(t, resp.CertChain)
+	require.Len(t, certs, 3, "leaf, intermediate, root")
+	leaf, root := certs[0], certs[len(certs)-1]
+	require.Equal(t, webID, leaf.URIs[0].String())
+	require.Empty(t, leaf.DNSNames)
+	require.False(t, leaf.IsCA)
+	require.NoError(t, root.CheckSignatureFrom(root), "last certificate is the self-signed root")
+	inter := x509.NewCertPool()
+	inter.AddCert(certs[1])
+	_, err = leaf.Verify(x509.VerifyOptions{Roots: f.roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}})
+	require.NoError(t, err)
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	require.InDelta(t, (2*time.Hour + 30*time.Second).Seconds(), life.Seconds(), 2, "requested 2h, plus the 30s back-date")
+	require.WithinDuration(t, time.Now().Add(-30*time.Second), leaf.NotBefore, 5*time.Second)
+	require.Equal(t, x509.KeyUsageDigitalSignature, leaf.KeyUsage)
+	require.ElementsMatch(t, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, leaf.ExtKeyUsage)
+
+	// The audit line names who got what, and never the token.
+	lines := f.audit.lines(t)
+	require.Len(t, lines, 1)
+	a := lines[0]
+	require.Equal(t, "issued", a["result"])
+	require.Equal(t, webID, a["identity"])
+	require.Equal(t, "demo/p-1", a["pod"])
+	require.Equal(t, "table", a["authenticator"])
+	require.Equal(t, leaf.SerialNumber.Text(16), a["serial"])
+	require.Equal(t, "ECDSA-P256", a["key_type"])
+	require.NotEmpty(t, a["signing_ca"])
+	require.Contains(t, a["peer"], "127.0.0.1:")
+	require.NotContains(t, f.audit.b.String(), "tok-web")
+	require.Equal(t, 1.0, testutil.ToFloat64(f.metrics.Requests.WithLabelValues("istio", "OK")))
+
+	// An RSA key gets keyEncipherment too.
+	rk, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+	resp, err = f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{Csr: csrFor(t, rk, nil, webID)})
+	require.NoError(t, err)
+	leaf = parseChain(t, resp.CertChain)[0]
+	require.Equal(t, x509.KeyUsageDigitalSignature|x509.KeyUsageKeyEncipherment, leaf.KeyUsage)
+	require.InDelta(t, (24*time.Hour + 30*time.Second).Seconds(), leaf.NotAfter.Sub(leaf.NotBefore).Seconds(), 2, "0 means the policy default")
+}
+
+func TestCreateCertificateBadInput(t *testing.T) {
+	f := newFixture(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 24 * time.Hour, MinTTL: time.Hour, MaxTTL: 48 * time.Hour}})
+	p256, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	p224, err := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
+	require.NoError(t, err)
+	rsa1024, err := rsa.GenerateKey(rand.Reader, 1024)
+	require.NoError(t, err)
+	good := csrFor(t, p256, nil, webID)
+	block, _ := pem.Decode([]byte(good))
+	broken := append([]byte(nil), block.Bytes...)
+	broken[len(broken)-3] ^= 0xff
+	caTrue, err := asn1.Marshal(struct{ IsCA bool }{true})
+	require.NoError(t, err)
+
+	tests := []struct {
+		name       string
+		ctx        context.Context
+		csr        string
+		validity   int64
+		wantCode   codes.Code
+		wantMsg    string
+		wantReason string
+	}{
+		{name: "no token", ctx: t.Context(), csr: good, wantCode: codes.Unauthenticated, wantMsg: "Bearer", wantReason: "no_credentials"},
+		{name: "not a bearer token", ctx: metadata.AppendToOutgoingContext(t.Context(), "authorization", "Basic dXNlcjpwYXNz"), csr: good, wantCode: codes.Unauthenticated, wantReason: "malformed"},
+		{name: "empty bearer token", ctx: metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer  "), csr: good, wantCode: codes.Unauthenticated, wantReason: "malformed"},
+		{name: "unknown token", ctx: bearer(t, "tok-forged"), csr: good, wantCode: codes.Unauthenticated, wantReason: "bad_signature"},
+		{name: "CSR for another service account", ctx: bearer(t, "tok-web"), csr: csrFor(t, p256, nil, "spiffe://cluster.local/ns/demo/sa/db"),
+			wantCode: codes.PermissionDenied, wantMsg: "spiffe://cluster.local/ns/demo/sa/db but the caller holds " + webID, wantReason: "identity_mismatch"},
+		{name: "CSR for another namespace", ctx: bearer(t, "tok-web"), csr: csrFor(t, p256, nil, "spiffe://cluster.local/ns/kube-system/sa/web"),
+			wantCode: codes.PermissionDenied, wantMsg: "ns/kube-system/sa/web", wantReason: "identity_mismatch"},
+		{name: "CSR with an extra DNS SAN", ctx: bearer(t, "tok-web"), csr: csrFor(t, p256, func(r *x509.CertificateRequest) { r.DNSNames = []string{"bank.example"} }, webID),
+			wantCode: codes.PermissionDenied, wantMsg: "DNS:bank.example", wantReason: "identity_mismatch"},
+		{name: "CSR asking for CA:true", ctx: bearer(t, "tok-web"), csr: csrFor(t, p256, func(r *x509.CertificateRequest) {
+			r.ExtraExtensions = []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 19}, Critical: true, Value: caTrue}}
+		}, webID), wantCode: codes.InvalidArgument, wantMsg: "CA certificate", wantReason: ca.CSRRequestsCA},
+		{name: "RSA-1024 key", ctx: bearer(t, "tok-web"), csr: csrFor(t, rsa1024, nil, webID), wantCode: codes.InvalidArgument, wantMsg: "RSA-1024", wantReason: ca.CSRKeyType},
+		{name: "P-224 key", ctx: bearer(t, "tok-web"), csr: csrFor(t, p224, nil, webID), wantCode: codes.InvalidArgument, wantMsg: "P-224", wantReason: ca.CSRKeyType},
+		{name: "broken CSR signature", ctx: bearer(t, "tok-web"), csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: broken})),
+			wantCode: codes.InvalidArgument, wantMsg: "signature", wantReason: ca.CSRBadSignature},
+		{name: "CSR not PEM", ctx: bearer(t, "tok-web"), csr: "this is not a CSR", wantCode: codes.InvalidArgument, wantMsg: "not PEM", wantReason: ca.CSRNotPEM},
+		{name: "empty CSR", ctx: bearer(t, "tok-web"), csr: "", wantCode: codes.InvalidArgument, wantMsg: "empty", wantReason: ca.CSREmpty},
+		{name: "CSR over 64 KiB", ctx: bearer(t, "tok-web"), csr: strings.Repeat("A", 65<<10), wantCode: codes.InvalidArgument, wantMsg: "limit is 65536", wantReason: ca.CSRTooLarge},
+		{name: "negative validity", ctx: bearer(t, "tok-web"), csr: good, validity: -60, wantCode: codes.InvalidArgument, wantMsg: "validity_duration is -60", wantReason: "bad_request"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			before := len(f.audit.lines(t))
+			_, err := f.client.CreateCertificate(tc.ctx, &pb.IstioCertificateRequest{Csr: tc.csr, ValidityDuration: tc.validity})
+			st := status.Convert(err)
+			require.Equal(t, tc.wantCode, st.Code(), st.Message())
+			require.Contains(t, st.Message(), tc.wantMsg)
+			lines := f.audit.lines(t)
+			require.Len(t, lines, before+1, "one audit line per request")
+			require.Equal(t, "refused", lines[before]["result"])
+			require.Equal(t, tc.wantCode.String(), lines[before]["code"])
+			require.Equal(t, tc.wantReason, lines[before]["reason"])
+			// The server keeps serving.
+			_, err = f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{Csr: good})
+			require.NoError(t, err)
+		})
+	}
+	require.Equal(t, 2.0, testutil.ToFloat64(f.metrics.CSRRejections.WithLabelValues(ca.CSRKeyType)))
+	require.Equal(t, 3.0, testutil.ToFloat64(f.metrics.CSRRejections.WithLabelValues("identity_mismatch")))
+	require.Equal(t, 1.0, testutil.ToFloat64(f.metrics.AuthnFailures.WithLabelValues("table", "bad_signature")))
+	require.Equal(t, 2.0, testutil.ToFloat64(f.metrics.AuthnFailures.WithLabelValues("none", "malformed")))
+	require.Equal(t, 3.0, testutil.ToFloat64(f.metrics.Requests.WithLabelValues("istio", "PermissionDenied")))
+	require.NotContains(t, f.audit.b.String(), "tok-web")
+}
+
+func TestCreateCertificateClampsValidity(t *testing.T) {
+	f := newFixture(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 24 * time.Hour, MinTTL: time.Hour, MaxTTL: 48 * time.Hour}})
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	csr := csrFor(t, key, nil, webID)
+	tests := []struct {
+		name     string
+		validity int64
+		wantLife time.Duration
+		bound    string
+	}{
+		{"absurdly long", 1 << 62, 48 * time.Hour, "max"},
+		{"a century", 100 * 365 * 24 * 3600, 48 * time.Hour, "max"},
+		{"one second", 1, time.Hour, "min"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			before := testutil.ToFloat64(f.metrics.TTLClamps.WithLabelValues(tc.bound))
+			resp, err := f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{Csr: csr, ValidityDuration: tc.validity})
+			require.NoError(t, err)
+			leaf := parseChain(t, resp.CertChain)[0]
+			require.InDelta(t, (tc.wantLife + 30*time.Second).Seconds(), leaf.NotAfter.Sub(leaf.NotBefore).Seconds(), 2)
+			require.Equal(t, before+1, testutil.ToFloat64(f.metrics.TTLClamps.WithLabelValues(tc.bound)))
+		})
+	}
+}
+
+func TestCreateCertificateBackendOutage(t *testing.T) {
+	f := newFixture(t, nil)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	req := &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)}
+	f.backend.down.Store(true)
+	_, err = f.client.CreateCertificate(bearer(t, "tok-web"), req)
+	st := status.Convert(err)
+	require.Equal(t, codes.Unavailable, st.Code())
+	require.NotContains(t, st.Message(), "connection refused", "backend detail goes to the log, not the client")
+	f.backend.down.Store(false)
+	_, err = f.client.CreateCertificate(bearer(t, "tok-web"), req)
+	require.NoError(t, err, "recovers when the backend does")
+	lines := f.audit.lines(t)
+	require.Equal(t, "backend_unavailable", lines[0]["reason"])
+}
+
+func TestCreateCertificateRenewWithClientCert(t *testing.T) {
+	f := newFixture(t, nil)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	resp, err := f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)})
+	require.NoError(t, err)
+	certs := parseChain(t, resp.CertChain)
+	held := &tls.Certificate{PrivateKey: key, Leaf: certs[0]}
+	for _, c := range certs[:len(certs)-1] {
+		held.Certificate = append(held.Certificate, c.Raw)
+	}
+	withCert := f.dial(held)
+
+	// No token: the certificate alone renews the same identity...
+	resp, err = withCert.CreateCertificate(t.Context(), &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)})
+	require.NoError(t, err)
+	require.Equal(t, webID, parseChain(t, resp.CertChain)[0].URIs[0].String())
+	require.Equal(t, "clientcert", f.audit.lines(t)[1]["authenticator"])
+
+	// ...and no other.
+	_, err = withCert.CreateCertificate(t.Context(), &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, "spiffe://cluster.local/ns/demo/sa/admin")})
+	require.Equal(t, codes.PermissionDenied, status.Code(err))
+
+	// A certificate from another CA is refused.
+	other, err := selfsigned.New(selfsigned.Config{})
+	require.NoError(t, err)
+	csrPEM := csrFor(t, key, nil, webID)
+	b, _ := pem.Decode([]byte(csrPEM))
+	csr, err := x509.ParseCertificateRequest(b.Bytes)
+	require.NoError(t, err)
+	id, err := spiffeid.FromString(webID)
+	require.NoError(t, err)
+	foreign, err := other.Sign(t.Context(), ca.SignRequest{CSR: csr, ID: id, NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)})
+	require.NoError(t, err)
+	_, err = f.dial(&tls.Certificate{Certificate: [][]byte{foreign.Leaf}, PrivateKey: key}).CreateCertificate(t.Context(), &pb.IstioCertificateRequest{Csr: csrPEM})
+	st := status.Convert(err)
+	require.Equal(t, codes.Unauthenticated, st.Code())
+	require.Contains(t, st.Message(), authn.ReasonUntrustedCert)
+}
