@@ -162,8 +162,9 @@ type Issued struct {
 }
 
 // Issue checks req and has the backend sign it. Errors wrap ErrBadRequest,
-// ErrBadCSR (*CSRError), authn.ErrIdentityMismatch (*authn.MismatchError)
-// or ErrBackendUnavailable.
+// ErrBadCSR (*CSRError), authn.ErrIdentityMismatch (*authn.MismatchError),
+// ErrBackendUnavailable (any other backend failure is reported as this),
+// or ErrInvalidSignRequest.
 func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 	caller := req.Caller
 	if caller == nil {
@@ -203,7 +204,10 @@ func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			return nil, fmt.Errorf("sign: %w", ctxErr)
 		}
-		if !errors.Is(err, ErrBackendUnavailable) {
+		// A request the backend calls invalid got past every check above:
+		// that is meshca's bug, not an outage, so it is not dressed up as
+		// one (it surfaces as Internal).
+		if !errors.Is(err, ErrBackendUnavailable) && !errors.Is(err, ErrInvalidSignRequest) {
 			err = fmt.Errorf("%w: %w", ErrBackendUnavailable, err)
 		}
 		return nil, fmt.Errorf("sign: %w", err)
