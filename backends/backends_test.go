@@ -1,0 +1,59 @@
+package backends_test
+
+import (
+	"log/slog"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/meshca/meshca/backends"
+	"github.com/meshca/meshca/backends/plugged"
+	"github.com/meshca/meshca/backends/selfsigned"
+	"github.com/meshca/meshca/ca"
+)
+
+func TestValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		cfg       backends.Config
+		wantPaths []string // each must appear in the error; none means valid
+	}{
+		{name: "selfsigned defaults", cfg: backends.Config{Type: backends.TypeSelfSigned}},
+		{name: "selfsigned ignores plugged section", cfg: backends.Config{Type: backends.TypeSelfSigned, Plugged: plugged.Config{ReloadInterval: -1}}},
+		{name: "selfsigned invalid", cfg: backends.Config{Type: backends.TypeSelfSigned, SelfSigned: selfsigned.Config{KeyType: "DSA"}},
+			wantPaths: []string{"backend.selfSigned.keyType"}},
+		{name: "plugged", cfg: backends.Config{Type: backends.TypePlugged, Plugged: plugged.Config{Dir: "/etc/cacerts"}}},
+		{name: "plugged without dir", cfg: backends.Config{Type: backends.TypePlugged}, wantPaths: []string{"backend.plugged.dir"}},
+		{name: "unknown type", cfg: backends.Config{Type: "vault"}, wantPaths: []string{"backend.type", `"vault"`, "selfsigned, plugged"}},
+		{name: "empty type", wantPaths: []string{"backend.type"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.cfg.Validate()
+			if len(tc.wantPaths) == 0 {
+				require.NoError(t, err)
+				return
+			}
+			for _, p := range tc.wantPaths {
+				require.ErrorContains(t, err, p)
+			}
+		})
+	}
+}
+
+func TestNew(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+
+	b, err := backends.New(backends.Config{Type: backends.TypeSelfSigned}, log)
+	require.NoError(t, err)
+	require.IsType(t, &selfsigned.Backend{}, b)
+	require.Implements(t, (*ca.Runner)(nil), b)
+	require.Implements(t, (*ca.Inspector)(nil), b)
+
+	b, err = backends.New(backends.Config{Type: backends.TypePlugged, Plugged: plugged.Config{Dir: t.TempDir()}}, log)
+	require.ErrorIs(t, err, plugged.ErrInvalidFiles)
+	require.Nil(t, b) // an untyped nil, not a nil *plugged.Backend
+
+	b, err = backends.New(backends.Config{Type: "awspca"}, log)
+	require.ErrorContains(t, err, "backend.type")
+	require.Nil(t, b)
+}

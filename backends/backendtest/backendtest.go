@@ -1,0 +1,212 @@
+// Package backendtest is the conformance suite every ca.Backend's tests
+// run: whatever signs, the leaves it returns must look and chain the same.
+package backendtest
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+
+	"github.com/meshca/meshca/ca"
+)
+
+// Run checks the contract of ca.Backend against backends made by
+// newBackend, which is called once per subtest and must return a ready
+// backend (its Run loop, if any, need not be running) whose signing
+// certificate stays valid for at least two more hours. It uses the real
+// clock for the validity it requests.
+func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
+	t.Helper()
+	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/backendtest/sa/workload")
+
+	for _, kt := range []string{"ECDSA-P256", "RSA-2048"} {
+		t.Run("SignsWorkloadLeaf/"+kt, func(t *testing.T) {
+			b := newBackend(t)
+			key := newKey(t, kt)
+			notBefore := time.Now().Add(-time.Minute).Truncate(time.Second)
+			notAfter := notBefore.Add(time.Hour)
+			resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: newCSR(t, key), ID: id, NotBefore: notBefore, NotAfter: notAfter})
+			require.NoError(t, err)
+			leaf := parseLeaf(t, resp)
+
+			require.Len(t, leaf.URIs, 1)
+			require.Equal(t, id.String(), leaf.URIs[0].String())
+			require.Empty(t, leaf.DNSNames)
+			require.Empty(t, leaf.IPAddresses)
+			require.Empty(t, leaf.EmailAddresses)
+			require.ElementsMatch(t, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, leaf.ExtKeyUsage)
+			require.NotZero(t, leaf.KeyUsage&x509.KeyUsageDigitalSignature)
+			require.False(t, leaf.IsCA)
+			require.True(t, key.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(leaf.PublicKey))
+
+			require.True(t, leaf.NotBefore.Equal(notBefore), "NotBefore %s, asked for %s", leaf.NotBefore, notBefore)
+			require.True(t, leaf.NotAfter.Equal(notAfter), "NotAfter %s, asked for %s", leaf.NotAfter, notAfter)
+			require.True(t, resp.NotBefore.Equal(leaf.NotBefore))
+			require.True(t, resp.NotAfter.Equal(leaf.NotAfter))
+			require.Zero(t, resp.Serial.Cmp(leaf.SerialNumber))
+			require.NotEmpty(t, resp.SignedBy)
+
+			chain := parseChain(t, resp.ChainPEM)
+			require.NoError(t, leaf.CheckSignatureFrom(chain[0]), "leaf must be signed by ChainPEM[0]")
+			bundle, err := b.TrustBundle(t.Context())
+			require.NoError(t, err)
+			require.NotEmpty(t, bundle)
+			root := chain[len(chain)-1]
+			require.True(t, containsCert(bundle, root), "ChainPEM must end with a root in TrustBundle")
+			for _, usage := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+				verify(t, leaf, bundle, chain, usage)
+			}
+		})
+	}
+
+	t.Run("CapsNotAfter", func(t *testing.T) {
+		b := newBackend(t)
+		probe := sign(t, b, id)
+		signing := parseChain(t, probe.ChainPEM)[0]
+		notBefore := time.Now().Truncate(time.Second)
+		resp, err := b.Sign(t.Context(), ca.SignRequest{
+			CSR: newCSR(t, newKey(t, "ECDSA-P256")), ID: id,
+			NotBefore: notBefore, NotAfter: signing.NotAfter.Add(365 * 24 * time.Hour),
+		})
+		require.NoError(t, err)
+		leaf := parseLeaf(t, resp)
+		require.True(t, leaf.NotAfter.Equal(signing.NotAfter), "NotAfter %s, signing CA's %s", leaf.NotAfter, signing.NotAfter)
+		require.True(t, resp.NotAfter.Equal(signing.NotAfter))
+		require.True(t, leaf.NotBefore.Equal(notBefore))
+	})
+
+	t.Run("SerialsUnique", func(t *testing.T) {
+		b := newBackend(t)
+		seen := map[string]bool{}
+		for range 50 {
+			s := sign(t, b, id).Serial.String()
+			require.False(t, seen[s], "duplicate serial %s", s)
+			seen[s] = true
+		}
+	})
+
+	t.Run("ConcurrentSign", func(t *testing.T) {
+		b := newBackend(t)
+		csr := newCSR(t, newKey(t, "ECDSA-P256"))
+		const workers, each = 8, 10
+		var (
+			mu      sync.Mutex
+			serials = map[string]bool{}
+			errs    []error
+			wg      sync.WaitGroup
+		)
+		for range workers {
+			wg.Go(func() {
+				for range each {
+					now := time.Now()
+					resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: csr, ID: id, NotBefore: now, NotAfter: now.Add(time.Hour)})
+					mu.Lock()
+					switch {
+					case err != nil:
+						errs = append(errs, err)
+					case serials[resp.Serial.String()]:
+						errs = append(errs, fmt.Errorf("duplicate serial %s", resp.Serial))
+					default:
+						serials[resp.Serial.String()] = true
+					}
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		require.Empty(t, errs)
+		require.Len(t, serials, workers*each)
+	})
+}
+
+func sign(t *testing.T, b ca.Backend, id spiffeid.ID) *ca.SignResponse {
+	t.Helper()
+	now := time.Now()
+	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: newCSR(t, newKey(t, "ECDSA-P256")), ID: id, NotBefore: now, NotAfter: now.Add(time.Hour)})
+	require.NoError(t, err)
+	return resp
+}
+
+func newKey(t *testing.T, kt string) crypto.Signer {
+	t.Helper()
+	var k crypto.Signer
+	var err error
+	switch kt {
+	case "ECDSA-P256":
+		k, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case "RSA-2048":
+		k, err = rsa.GenerateKey(rand.Reader, 2048)
+	default:
+		t.Fatalf("unknown key type %q", kt)
+	}
+	require.NoError(t, err)
+	return k
+}
+
+func newCSR(t *testing.T, key crypto.Signer) *x509.CertificateRequest {
+	t.Helper()
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	require.NoError(t, err)
+	csr, err := x509.ParseCertificateRequest(der)
+	require.NoError(t, err)
+	return csr
+}
+
+func parseLeaf(t *testing.T, resp *ca.SignResponse) *x509.Certificate {
+	t.Helper()
+	require.NotNil(t, resp)
+	leaf, err := x509.ParseCertificate(resp.Leaf)
+	require.NoError(t, err)
+	return leaf
+}
+
+// parseChain parses ChainPEM, which must hold one certificate per element.
+func parseChain(t *testing.T, chainPEM []string) []*x509.Certificate {
+	t.Helper()
+	require.NotEmpty(t, chainPEM)
+	var chain []*x509.Certificate
+	for i, p := range chainPEM {
+		block, rest := pem.Decode([]byte(p))
+		require.NotNil(t, block, "ChainPEM[%d] is not PEM", i)
+		require.Equal(t, "CERTIFICATE", block.Type)
+		require.Empty(t, rest, "ChainPEM[%d] holds more than one certificate", i)
+		c, err := x509.ParseCertificate(block.Bytes)
+		require.NoError(t, err)
+		chain = append(chain, c)
+	}
+	return chain
+}
+
+func verify(t *testing.T, leaf *x509.Certificate, bundle, chain []*x509.Certificate, usage x509.ExtKeyUsage) {
+	t.Helper()
+	roots := x509.NewCertPool()
+	for _, r := range bundle {
+		roots.AddCert(r)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain {
+		inter.AddCert(c)
+	}
+	_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}})
+	require.NoError(t, err)
+}
+
+func containsCert(certs []*x509.Certificate, c *x509.Certificate) bool {
+	for _, x := range certs {
+		if x.Equal(c) {
+			return true
+		}
+	}
+	return false
+}
