@@ -1,0 +1,140 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync/atomic"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	coreinformers "k8s.io/client-go/informers/core/v1"
+	"k8s.io/client-go/kubernetes"
+	toolscache "k8s.io/client-go/tools/cache"
+
+	"github.com/meshca/meshca/authn"
+)
+
+// A ServiceAccountLookup tells whether a service account exists now, and its
+// UID. JWT and TokenReview use it to refuse the tokens of service accounts
+// that were deleted, or deleted and re-created (a new UID), after the token
+// was minted.
+//
+// ServiceAccountUID must be fast (it runs on every authentication, cache hits
+// included) and safe for concurrent use. It returns found=false for a service
+// account that does not exist, and an error wrapping authn.ErrUnavailable
+// when it cannot tell yet.
+type ServiceAccountLookup interface {
+	ServiceAccountUID(namespace, name string) (uid string, found bool, err error)
+}
+
+// ServiceAccountIndex is a ServiceAccountLookup backed by a client-go shared
+// informer on the ServiceAccounts of all namespaces. It keeps only each
+// account's namespace, name and UID in memory.
+//
+// It answers from the informer's view, which trails the apiserver by the
+// watch latency (usually milliseconds): an account created just now may read
+// as not found for that long.
+type ServiceAccountIndex struct {
+	informer toolscache.SharedIndexInformer
+	log      *slog.Logger
+	started  atomic.Bool
+	synced   atomic.Bool // latches HasSynced, which takes a lock per call
+}
+
+// NewServiceAccountIndex returns an index that lists and watches
+// ServiceAccounts through client once Run is called. log may be nil.
+func NewServiceAccountIndex(client kubernetes.Interface, log *slog.Logger) *ServiceAccountIndex {
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	inf := coreinformers.NewServiceAccountInformer(client, metav1.NamespaceAll, 0, toolscache.Indexers{})
+	// These setters only fail once the informer has started.
+	_ = inf.SetTransform(stripServiceAccount)
+	_ = inf.SetWatchErrorHandler(func(_ *toolscache.Reflector, err error) {
+		// The reflector retries with backoff; until its first list
+		// succeeds, ServiceAccountUID answers ErrUnavailable.
+		log.Warn("cannot list or watch service accounts", "error", err)
+	})
+	return &ServiceAccountIndex{informer: inf, log: log}
+}
+
+// stripServiceAccount keeps only what the index needs: the token secrets and
+// image-pull secrets of a large cluster are not worth holding.
+func stripServiceAccount(obj any) (any, error) {
+	sa, ok := obj.(*corev1.ServiceAccount)
+	if !ok {
+		return obj, nil // a DeletedFinalStateUnknown tombstone
+	}
+	return &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{
+		Namespace:       sa.Namespace,
+		Name:            sa.Name,
+		UID:             sa.UID,
+		ResourceVersion: sa.ResourceVersion,
+	}}, nil
+}
+
+// Run lists and watches ServiceAccounts until ctx is done, then returns nil.
+// It may be called once.
+func (x *ServiceAccountIndex) Run(ctx context.Context) error {
+	if !x.started.CompareAndSwap(false, true) {
+		return errors.New("run service account index: already running")
+	}
+	x.log.Info("watching service accounts")
+	x.informer.Run(ctx.Done())
+	return nil
+}
+
+// HasSynced reports whether the index has listed every ServiceAccount once.
+func (x *ServiceAccountIndex) HasSynced() bool {
+	if x.synced.Load() {
+		return true
+	}
+	if x.informer.HasSynced() {
+		x.synced.Store(true)
+		return true
+	}
+	return false
+}
+
+// ServiceAccountUID implements ServiceAccountLookup. Before the first full
+// list it returns an error wrapping authn.ErrUnavailable.
+func (x *ServiceAccountIndex) ServiceAccountUID(namespace, name string) (string, bool, error) {
+	if !x.HasSynced() {
+		return "", false, fmt.Errorf("%w: service account index not synced yet", authn.ErrUnavailable)
+	}
+	obj, found, err := x.informer.GetStore().GetByKey(namespace + "/" + name)
+	if err != nil {
+		return "", false, fmt.Errorf("%w: look up service account: %w", authn.ErrUnavailable, err)
+	}
+	if !found {
+		return "", false, nil
+	}
+	sa, ok := obj.(*corev1.ServiceAccount)
+	if !ok {
+		return "", false, fmt.Errorf("%w: look up service account: unexpected %T in index", authn.ErrUnavailable, obj)
+	}
+	return string(sa.UID), true, nil
+}
+
+// checkServiceAccount refuses a caller whose service account no longer
+// exists, or exists with another UID than the one the token names. A nil
+// lookup accepts everyone.
+func checkServiceAccount(lookup ServiceAccountLookup, c *authn.Caller) error {
+	if lookup == nil {
+		return nil
+	}
+	uid, found, err := lookup.ServiceAccountUID(c.Namespace, c.ServiceAccount)
+	if err != nil {
+		return fmt.Errorf("check service account: %w", err)
+	}
+	if !found {
+		return authn.Fail(authn.ReasonServiceAccountGone, "service account %s/%s no longer exists", c.Namespace, c.ServiceAccount)
+	}
+	if c.ServiceAccountUID != "" && uid != c.ServiceAccountUID {
+		return authn.Fail(authn.ReasonServiceAccountGone, "service account %s/%s was deleted and re-created since the token was issued", c.Namespace, c.ServiceAccount)
+	}
+	return nil
+}

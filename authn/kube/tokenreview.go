@@ -1,0 +1,209 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/meshca/meshca/authn"
+)
+
+// TokenReviewConfig configures a TokenReview authenticator.
+type TokenReviewConfig struct {
+	// Client reaches the kube-apiserver. Its identity must be allowed to
+	// create tokenreviews (ClusterRole system:auth-delegator). Required.
+	Client kubernetes.Interface
+	// TrustDomain of the SPIFFE IDs handed out. Required.
+	TrustDomain spiffeid.TrustDomain
+	// Audiences are sent with every review; the token must be meant for at
+	// least one. Default ["istio-ca"].
+	Audiences []string
+	// Issuer, if set, is the cluster's service-account issuer. It only
+	// sharpens the reason given for a rejected token (unknown_issuer rather
+	// than rejected); the apiserver decides.
+	Issuer string
+	// Cache bounds the cache of reviewed tokens.
+	Cache CacheConfig
+	// ServiceAccounts, if set, is asked on every call (cache hits included)
+	// whether the token's service account still exists with the UID the
+	// apiserver reported. The apiserver checks this on a miss anyway.
+	ServiceAccounts ServiceAccountLookup
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// Log receives apiserver failures, never tokens. Default: discard.
+	Log *slog.Logger
+	// Registerer receives the cache metrics. Optional; may be shared with
+	// other authenticators.
+	Registerer prometheus.Registerer
+}
+
+// TokenReview authenticates service-account tokens by asking the
+// kube-apiserver (the TokenReview API) about each token it has not cached.
+// It is safe for concurrent use.
+type TokenReview struct {
+	client    kubernetes.Interface
+	td        spiffeid.TrustDomain
+	audiences []string
+	issuer    string
+	now       func() time.Time
+	log       *slog.Logger
+	sas       ServiceAccountLookup
+	cache     *cache
+}
+
+// tokenReviewAuthenticator is the Caller.Authenticator of TokenReview.
+const tokenReviewAuthenticator = "tokenreview"
+
+// Keys of TokenReview's status.user.extra for tokens bound to a pod.
+const (
+	extraPodName = "authentication.kubernetes.io/pod-name"
+	extraPodUID  = "authentication.kubernetes.io/pod-uid"
+)
+
+// NewTokenReview checks cfg and returns a TokenReview authenticator.
+func NewTokenReview(cfg TokenReviewConfig) (*TokenReview, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("new tokenreview authenticator: Client is required")
+	}
+	if cfg.TrustDomain.IsZero() {
+		return nil, errors.New("new tokenreview authenticator: TrustDomain is required")
+	}
+	if len(cfg.Audiences) == 0 {
+		cfg.Audiences = []string{defaultAudience}
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	cm, err := newCacheMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("new tokenreview authenticator: %w", err)
+	}
+	return &TokenReview{
+		client:    cfg.Client,
+		td:        cfg.TrustDomain,
+		audiences: slices.Clone(cfg.Audiences),
+		issuer:    cfg.Issuer,
+		now:       cfg.Now,
+		log:       cfg.Log.With("authenticator", tokenReviewAuthenticator),
+		sas:       cfg.ServiceAccounts,
+		cache:     newCache(cfg.Cache, cfg.Now, cm, tokenReviewAuthenticator),
+	}, nil
+}
+
+// Authenticate implements authn.Authenticator for a service-account token in
+// creds.Token.
+func (r *TokenReview) Authenticate(ctx context.Context, creds authn.Credentials) (*authn.Caller, error) {
+	if creds.Token == "" {
+		return nil, fmt.Errorf("tokenreview: %w", authn.ErrNoCredentials)
+	}
+	if len(creds.Token) > maxTokenBytes {
+		return nil, authn.Fail(authn.ReasonMalformed, "token longer than %d bytes", maxTokenBytes)
+	}
+	caller, err := r.cache.get(ctx, creds.Token, func(ctx context.Context) (*authn.Caller, error) {
+		return r.review(ctx, creds.Token)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := checkServiceAccount(r.sas, caller); err != nil {
+		r.cache.forget(creds.Token)
+		return nil, err
+	}
+	return caller, nil
+}
+
+// review asks the apiserver about token.
+func (r *TokenReview) review(ctx context.Context, token string) (*authn.Caller, error) {
+	req := &authenticationv1.TokenReview{Spec: authenticationv1.TokenReviewSpec{
+		Token:     token,
+		Audiences: r.audiences,
+	}}
+	res, err := r.client.AuthenticationV1().TokenReviews().Create(ctx, req, metav1.CreateOptions{})
+	if err != nil {
+		err = redact(err, token)
+		if apierrors.IsForbidden(err) {
+			r.log.Error("the kube-apiserver forbids meshca to create tokenreviews: bind meshca's service account to the ClusterRole system:auth-delegator", "error", err)
+			return nil, fmt.Errorf("%w: create tokenreview: forbidden: bind meshca's service account to the ClusterRole system:auth-delegator: %w", authn.ErrUnavailable, err)
+		}
+		r.log.Warn("tokenreview failed", "error", err)
+		return nil, fmt.Errorf("%w: create tokenreview: %w", authn.ErrUnavailable, err)
+	}
+	st := res.Status
+	if !st.Authenticated {
+		return nil, explainRejection(token, r.now(), r.issuer, r.audiences)
+	}
+	if !slices.Contains(st.User.Groups, serviceAccountsGroup) {
+		return nil, authn.Fail(authn.ReasonNotServiceAccount, "token does not belong to a service account")
+	}
+	ns, sa, ok := splitServiceAccountUser(st.User.Username)
+	if !ok {
+		return nil, authn.Fail(authn.ReasonNotServiceAccount, "token does not belong to a service account")
+	}
+	// The apiserver intersects the requested audiences with the token's;
+	// an empty answer means the token is for none of them (or the apiserver
+	// is too old to check audiences, which is no better).
+	if !audienceOK(st.Audiences, r.audiences) {
+		return nil, wrongAudience(r.audiences)
+	}
+	id, err := authn.ServiceAccountID(r.td, ns, sa)
+	if err != nil {
+		return nil, err
+	}
+	caller := &authn.Caller{
+		ID:                id,
+		Namespace:         ns,
+		ServiceAccount:    sa,
+		ServiceAccountUID: st.User.UID,
+		PodName:           firstExtra(st.User.Extra, extraPodName),
+		PodUID:            firstExtra(st.User.Extra, extraPodUID),
+		Authenticator:     tokenReviewAuthenticator,
+		ExpiresAt:         unverifiedExpiry(token),
+	}
+	return caller, nil
+}
+
+// redact returns err, or if its text contains token (client-go's errors
+// carry the URL and the apiserver's status, not the request body, so this is
+// a safety net) an error with the same text minus the token. The redacted
+// error no longer matches apierrors' predicates.
+func redact(err error, token string) error {
+	if !strings.Contains(err.Error(), token) {
+		return err
+	}
+	return errors.New(strings.ReplaceAll(err.Error(), token, "[token]"))
+}
+
+func firstExtra(extra map[string]authenticationv1.ExtraValue, key string) string {
+	if v := extra[key]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+// unverifiedExpiry returns the exp of a token the apiserver has just
+// accepted (so its claims are as good as verified), or zero if it has none
+// or is not a JWT: the cache then keeps it for CacheConfig.MaxTTL.
+func unverifiedExpiry(token string) time.Time {
+	_, c, err := parseToken(token)
+	if err != nil || c.Expiry == nil {
+		return time.Time{}
+	}
+	return c.Expiry.Time()
+}
+
+var _ authn.Authenticator = (*TokenReview)(nil)
