@@ -1,0 +1,311 @@
+// Package config loads meshca's one YAML configuration file: decoded
+// strictly (an unknown key is an error naming its dotted path), defaults
+// filled in one place, and every section validated without side effects.
+package config
+
+import (
+	_ "embed"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshca/meshca/backends"
+)
+
+// Config is the whole of meshca's configuration. README.md documents every
+// key; Defaults shows their default values.
+type Config struct {
+	// TrustDomain is the SPIFFE trust domain of issued identities.
+	TrustDomain string          `yaml:"trustDomain"`
+	Server      Server          `yaml:"server"`
+	Authn       Authn           `yaml:"authn"`
+	Backend     backends.Config `yaml:"backend"`
+	Policy      Policy          `yaml:"policy"`
+	Audit       Audit           `yaml:"audit"`
+	Log         Log             `yaml:"log"`
+	Dev         Dev             `yaml:"dev"`
+}
+
+// Server configures the listeners and meshca's own serving certificate.
+type Server struct {
+	// GRPCAddress serves Istio's CreateCertificate and gRPC health, over TLS.
+	GRPCAddress string `yaml:"grpcAddress"`
+	// AdminAddress serves /metrics, /healthz and /readyz over plain HTTP.
+	AdminAddress string `yaml:"adminAddress"`
+	// DNSNames and IPAddresses go into the serving certificate; clients
+	// verify the one they dial.
+	DNSNames    []string `yaml:"dnsNames"`
+	IPAddresses []string `yaml:"ipAddresses"`
+	// ServingTTL is the serving certificate's lifetime; it is renewed at half.
+	ServingTTL time.Duration `yaml:"servingTTL"`
+	// ShutdownGrace bounds how long in-flight requests may finish on stop.
+	ShutdownGrace time.Duration `yaml:"shutdownGrace"`
+}
+
+// Authn configures how callers are authenticated.
+type Authn struct {
+	// Chain lists the authenticators in the order tried: clientcert, jwt,
+	// tokenreview. The first that finds its kind of credential decides.
+	Chain []string `yaml:"chain"`
+	// Audiences a token must be issued for (any of them).
+	Audiences []string `yaml:"audiences"`
+	// Issuer is the cluster's service-account token issuer (`iss`). ""
+	// reads it from the apiserver's /.well-known/openid-configuration.
+	// The jwt authenticator requires tokens to carry it; tokenreview uses
+	// it only to explain rejections.
+	Issuer string `yaml:"issuer"`
+	// Kubeconfig is the path of a kubeconfig; "" means in-cluster config.
+	// Needed by tokenreview, by jwt without a JWKS file or URL, and by the
+	// service-account check.
+	Kubeconfig string `yaml:"kubeconfig"`
+	// CheckServiceAccounts refuses tokens whose service account no longer
+	// exists (or was re-created), using a watch on ServiceAccounts. Default
+	// true unless in dev mode.
+	CheckServiceAccounts *bool `yaml:"checkServiceAccounts"`
+	JWT                  JWT   `yaml:"jwt"`
+	Cache                Cache `yaml:"cache"`
+}
+
+// JWT configures local verification of service-account tokens.
+type JWT struct {
+	// JWKSFile or JWKSURL give the verification keys; with neither, they
+	// are read from the apiserver's /openid/v1/jwks.
+	JWKSFile string `yaml:"jwksFile"`
+	JWKSURL  string `yaml:"jwksURL"`
+	// Skew is the clock-skew allowance on exp, nbf and iat.
+	Skew time.Duration `yaml:"skew"`
+	// RefetchInterval is the least time between JWKS refetches caused by
+	// an unknown key ID.
+	RefetchInterval time.Duration `yaml:"refetchInterval"`
+}
+
+// Cache bounds the cache of authenticated tokens.
+type Cache struct {
+	// MaxTTL caps how long a result is reused; never past the token's exp.
+	MaxTTL time.Duration `yaml:"maxTTL"`
+	// MaxEntries bounds memory.
+	MaxEntries int `yaml:"maxEntries"`
+}
+
+// Policy points at the rotation policy file.
+type Policy struct {
+	// File is the policy YAML; "" means built-in defaults only.
+	File string `yaml:"file"`
+	// ReloadInterval is how often the file is checked for changes.
+	ReloadInterval time.Duration `yaml:"reloadInterval"`
+}
+
+// Audit configures the audit trail.
+type Audit struct {
+	// File receives one JSON line per request, appended; "" means stdout.
+	File string `yaml:"file"`
+}
+
+// Log configures operational logs (to stderr).
+type Log struct {
+	// Level is debug, info, warn or error.
+	Level string `yaml:"level"`
+	// Format is json or text.
+	Format string `yaml:"format"`
+}
+
+// Dev is the no-cluster development mode of `make run`.
+type Dev struct {
+	// Enabled makes meshca create a development token-signing key in Dir
+	// and write its JWKS and the CA root there. Never enable in production.
+	Enabled bool `yaml:"enabled"`
+	// Dir holds the development key, JWKS and root.
+	Dir string `yaml:"dir"`
+}
+
+// Authenticator names accepted in authn.chain.
+const (
+	AuthClientCert  = "clientcert"
+	AuthJWT         = "jwt"
+	AuthTokenReview = "tokenreview"
+)
+
+// Defaults returns a Config with every default filled in.
+func Defaults() Config {
+	var c Config
+	c.applyDefaults()
+	return c
+}
+
+func (c *Config) applyDefaults() {
+	def := func(s *string, v string) {
+		if *s == "" {
+			*s = v
+		}
+	}
+	defDur := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.TrustDomain, "cluster.local")
+	def(&c.Server.GRPCAddress, ":15012")
+	def(&c.Server.AdminAddress, ":15014")
+	if len(c.Server.DNSNames) == 0 && len(c.Server.IPAddresses) == 0 {
+		c.Server.DNSNames = []string{"meshca.istio-system.svc"}
+	}
+	defDur(&c.Server.ServingTTL, 24*time.Hour)
+	defDur(&c.Server.ShutdownGrace, 10*time.Second)
+	if c.Authn.Chain == nil {
+		c.Authn.Chain = []string{AuthClientCert, AuthTokenReview}
+	}
+	if c.Authn.Audiences == nil {
+		c.Authn.Audiences = []string{"istio-ca"}
+	}
+	if c.Authn.CheckServiceAccounts == nil {
+		v := !c.Dev.Enabled
+		c.Authn.CheckServiceAccounts = &v
+	}
+	defDur(&c.Authn.JWT.Skew, 30*time.Second)
+	defDur(&c.Authn.JWT.RefetchInterval, 10*time.Second)
+	defDur(&c.Authn.Cache.MaxTTL, 5*time.Minute)
+	if c.Authn.Cache.MaxEntries == 0 {
+		c.Authn.Cache.MaxEntries = 100_000
+	}
+	def(&c.Backend.Type, "selfsigned")
+	defDur(&c.Policy.ReloadInterval, 5*time.Second)
+	def(&c.Log.Level, "info")
+	def(&c.Log.Format, "json")
+	def(&c.Dev.Dir, ".meshca-dev")
+}
+
+// Validate checks the whole configuration and reports every problem by
+// its dotted path.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(path, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+	}
+	if _, err := spiffeid.TrustDomainFromString(c.TrustDomain); err != nil {
+		bad("trustDomain", "%q is not a valid trust domain name", c.TrustDomain)
+	}
+	for path, addr := range map[string]string{"server.grpcAddress": c.Server.GRPCAddress, "server.adminAddress": c.Server.AdminAddress} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			bad(path, "want host:port, got %q", addr)
+		}
+	}
+	for i, ip := range c.Server.IPAddresses {
+		if _, err := netip.ParseAddr(ip); err != nil {
+			bad(fmt.Sprintf("server.ipAddresses[%d]", i), "%q is not an IP address", ip)
+		}
+	}
+	if c.Server.ServingTTL < time.Minute {
+		bad("server.servingTTL", "must be at least 1m, got %s", c.Server.ServingTTL)
+	}
+	if c.Server.ShutdownGrace < 0 {
+		bad("server.shutdownGrace", "must not be negative")
+	}
+	if len(c.Authn.Chain) == 0 {
+		bad("authn.chain", "list at least one of clientcert, jwt, tokenreview")
+	}
+	for i, name := range c.Authn.Chain {
+		switch name {
+		case AuthClientCert, AuthJWT, AuthTokenReview:
+			if slices.Index(c.Authn.Chain, name) != i {
+				bad(fmt.Sprintf("authn.chain[%d]", i), "%q is listed twice", name)
+			}
+		default:
+			bad(fmt.Sprintf("authn.chain[%d]", i), "unknown authenticator %q, want clientcert, jwt or tokenreview", name)
+		}
+	}
+	if len(c.Authn.Audiences) == 0 {
+		bad("authn.audiences", "list at least one audience (istio-agent uses istio-ca)")
+	}
+	if c.Authn.JWT.JWKSFile != "" && c.Authn.JWT.JWKSURL != "" {
+		bad("authn.jwt", "set jwksFile or jwksURL, not both")
+	}
+	if (c.Authn.JWT.JWKSFile != "" || c.Authn.JWT.JWKSURL != "") && c.Authn.Issuer == "" && slices.Contains(c.Authn.Chain, AuthJWT) {
+		bad("authn.issuer", "is required with authn.jwt.jwksFile or jwksURL (it is discovered only from the apiserver)")
+	}
+	if c.Authn.JWT.Skew < 0 || c.Authn.JWT.Skew > 5*time.Minute {
+		bad("authn.jwt.skew", "must be between 0 and 5m, got %s", c.Authn.JWT.Skew)
+	}
+	if c.Authn.JWT.RefetchInterval < 0 {
+		bad("authn.jwt.refetchInterval", "must not be negative")
+	}
+	if c.Authn.Cache.MaxTTL < 0 {
+		bad("authn.cache.maxTTL", "must not be negative (0 means the default)")
+	}
+	if c.Authn.Cache.MaxEntries < 0 {
+		bad("authn.cache.maxEntries", "must not be negative")
+	}
+	if err := c.Backend.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Policy.ReloadInterval < 100*time.Millisecond {
+		bad("policy.reloadInterval", "must be at least 100ms")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "want debug, info, warn or error, got %q", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "json", "text":
+	default:
+		bad("log.format", "want json or text, got %q", c.Log.Format)
+	}
+	if c.Dev.Enabled && c.Dev.Dir == "" {
+		bad("dev.dir", "is required in dev mode")
+	}
+	return errors.Join(errs...)
+}
+
+// NeedsKube reports whether the configuration talks to a kube-apiserver.
+func (c *Config) NeedsKube() bool {
+	jwtNeeds := slices.Contains(c.Authn.Chain, AuthJWT) && c.Authn.JWT.JWKSFile == "" && c.Authn.JWT.JWKSURL == ""
+	return slices.Contains(c.Authn.Chain, AuthTokenReview) || jwtNeeds || *c.Authn.CheckServiceAccounts
+}
+
+// Parse decodes, defaults and validates a configuration.
+func Parse(data []byte) (*Config, error) {
+	var c Config
+	if err := decodeStrict(data, &c); err != nil {
+		return nil, err
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// Load reads and parses the configuration file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+//go:embed dev.yaml
+var devYAML []byte
+
+// DevYAML returns the embedded development configuration used by
+// `meshca serve --dev` and `make run`.
+func DevYAML() []byte { return slices.Clone(devYAML) }
+
+// LoadDev parses the embedded development configuration.
+func LoadDev() (*Config, error) {
+	c, err := Parse(devYAML)
+	if err != nil {
+		return nil, fmt.Errorf("embedded dev config: %w", err)
+	}
+	return c, nil
+}

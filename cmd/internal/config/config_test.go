@@ -1,0 +1,154 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/meshca/meshca/ca"
+)
+
+func TestParseRejectsUnknownKeysByPath(t *testing.T) {
+	tests := []struct {
+		name    string
+		yaml    string
+		wantErr []string
+	}{
+		{"top level", "trustDomian: cluster.local\n", []string{"trustDomian: unknown key (line 1)", "trustDomain"}},
+		{"nested", "authn:\n  jwt:\n    jwksFil: /x\n", []string{"authn.jwt.jwksFil: unknown key (line 3)"}},
+		{"backend section", "backend:\n  type: selfsigned\n  selfSigned:\n    keytype: RSA-2048\n", []string{"backend.selfSigned.keytype: unknown key"}},
+		{"two at once", "server:\n  grpcAdress: x\nlog:\n  lvl: info\n", []string{"server.grpcAdress", "log.lvl"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml))
+			require.Error(t, err)
+			for _, want := range tc.wantErr {
+				require.ErrorContains(t, err, want)
+			}
+		})
+	}
+}
+
+func TestParseDefaultsAndValidation(t *testing.T) {
+	c, err := Parse([]byte("authn:\n  kubeconfig: /etc/kube\n"))
+	require.NoError(t, err)
+	require.Equal(t, "cluster.local", c.TrustDomain)
+	require.Equal(t, ":15012", c.Server.GRPCAddress)
+	require.Equal(t, []string{AuthClientCert, AuthTokenReview}, c.Authn.Chain)
+	require.Equal(t, []string{"istio-ca"}, c.Authn.Audiences)
+	require.True(t, *c.Authn.CheckServiceAccounts)
+	require.Equal(t, "selfsigned", c.Backend.Type)
+	require.True(t, c.NeedsKube())
+
+	tests := []struct {
+		name    string
+		yaml    string
+		wantErr []string
+	}{
+		{"bad trust domain", "trustDomain: 'Not A Domain!'\n", []string{"trustDomain:"}},
+		{"unknown authenticator", "authn:\n  chain: [jwt, ldap]\n", []string{"authn.chain[1]: unknown authenticator \"ldap\""}},
+		{"duplicate authenticator", "authn:\n  chain: [jwt, jwt]\n", []string{"authn.chain[1]: \"jwt\" is listed twice"}},
+		{"jwks file without issuer", "authn:\n  chain: [jwt]\n  jwt:\n    jwksFile: /k.json\n", []string{"authn.issuer: is required"}},
+		{"bad duration", "server:\n  servingTTL: forever\n", []string{"servingTTL"}},
+		{"bad address", "server:\n  grpcAddress: 15012\n", []string{"server.grpcAddress: want host:port"}},
+		{"unknown backend", "backend:\n  type: hsm\n", []string{"backend.type"}},
+		{"bad log level", "log:\n  level: loud\n", []string{"log.level"}},
+		{"several at once", "log:\n  level: loud\n  format: xml\n", []string{"log.level", "log.format"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml))
+			require.Error(t, err)
+			for _, want := range tc.wantErr {
+				require.ErrorContains(t, err, want)
+			}
+		})
+	}
+}
+
+func TestDevConfig(t *testing.T) {
+	c, err := LoadDev()
+	require.NoError(t, err)
+	require.True(t, c.Dev.Enabled)
+	require.False(t, c.NeedsKube(), "dev mode runs without a cluster")
+	require.Equal(t, "127.0.0.1:15012", c.Server.GRPCAddress)
+}
+
+func TestParsePolicyStrict(t *testing.T) {
+	p, err := ParsePolicy([]byte(`
+default:
+  defaultTTL: 12h
+namespaces:
+  payments:
+    maxTTL: 6h
+    defaultTTL: 1h
+serviceAccounts:
+  payments/api:
+    keyTypes: [ECDSA-P384]
+`))
+	require.NoError(t, err)
+	e := p.Explain("payments", "api")
+	require.Equal(t, time.Hour, e.DefaultTTL)
+	require.Equal(t, []ca.KeyType{ca.KeyECDSAP384}, e.KeyTypes)
+
+	_, err = ParsePolicy([]byte("namespaces:\n  payments:\n    maxTTl: 6h\n"))
+	require.ErrorContains(t, err, "namespaces.payments.maxTTl: unknown key")
+	_, err = ParsePolicy([]byte("default:\n  renewFraction: 3\n"))
+	require.ErrorContains(t, err, "default.renewFraction")
+}
+
+func TestPolicyWatcherReloads(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "policy.yaml")
+		write := func(s string) { require.NoError(t, os.WriteFile(path, []byte(s), 0o644)) }
+		write("default:\n  defaultTTL: 12h\n")
+		p, err := LoadPolicy(path)
+		require.NoError(t, err)
+		store, err := ca.NewPolicyStore(p)
+		require.NoError(t, err)
+		var (
+			mu      sync.Mutex
+			results []error
+		)
+		w := &PolicyWatcher{Path: path, Store: store, Interval: 5 * time.Second, OnReload: func(err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			results = append(results, err)
+		}}
+		go w.Run(t.Context())
+		ttl := func() time.Duration { return store.Policy().Resolve("a", "b").DefaultTTL }
+
+		time.Sleep(6 * time.Second)
+		synctest.Wait()
+		require.Equal(t, 12*time.Hour, ttl())
+		require.Empty(t, results, "an unchanged file is not reloaded")
+
+		write("default:\n  defaultTTL: 6h\n")
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		require.Equal(t, 6*time.Hour, ttl())
+
+		write("default:\n  defaultTTL: 6h\n  renewFraction: 7\n")
+		time.Sleep(15 * time.Second)
+		synctest.Wait()
+		require.Equal(t, 6*time.Hour, ttl(), "the last good policy stays in force")
+
+		write("default:\n  defaultTTL: 2h\n")
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		require.Equal(t, 2*time.Hour, ttl())
+
+		mu.Lock()
+		defer mu.Unlock()
+		require.Len(t, results, 3, "one report per change; the bad version is reported once")
+		require.NoError(t, results[0])
+		require.ErrorContains(t, results[1], "renewFraction")
+		require.NoError(t, results[2])
+	})
+}

@@ -1,0 +1,107 @@
+package config
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/meshca/meshca/ca"
+)
+
+// ParsePolicy strictly decodes and validates a rotation policy.
+func ParsePolicy(data []byte) (*ca.Policy, error) {
+	var p ca.Policy
+	if err := decodeStrict(data, &p); err != nil {
+		return nil, err
+	}
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
+// LoadPolicy reads the policy file at path; "" gives the built-in defaults.
+func LoadPolicy(path string) (*ca.Policy, error) {
+	if path == "" {
+		return &ca.Policy{}, nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read policy: %w", err)
+	}
+	p, err := ParsePolicy(data)
+	if err != nil {
+		return nil, fmt.Errorf("policy %s: %w", path, err)
+	}
+	return p, nil
+}
+
+// PolicyWatcher puts a changed policy file in force. It polls the file's
+// contents rather than watching inotify events, which also catches the
+// symlink swap Kubernetes uses to update a mounted ConfigMap.
+type PolicyWatcher struct {
+	// Path is the policy file. Required.
+	Path string
+	// Store receives each valid new policy. Required.
+	Store *ca.PolicyStore
+	// Interval between checks. Default 5s.
+	Interval time.Duration
+	// OnReload, if set, is called after each attempt with its outcome.
+	OnReload func(err error)
+	Log      *slog.Logger
+}
+
+// Run checks the file every Interval until ctx is done. A new policy that
+// fails to parse or validate is logged and reported, and the last good one
+// stays in force; the same bad contents are not reported again.
+func (w *PolicyWatcher) Run(ctx context.Context) error {
+	if w.Interval <= 0 {
+		w.Interval = 5 * time.Second
+	}
+	log := w.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	last, _ := os.ReadFile(w.Path) // the caller loaded this version at start
+	t := time.NewTicker(w.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		data, err := os.ReadFile(w.Path)
+		if err != nil {
+			if last != nil {
+				log.Error("policy file unreadable; keeping the policy in force", "path", w.Path, "err", err)
+				w.report(err)
+				last = nil
+			}
+			continue
+		}
+		if bytes.Equal(data, last) {
+			continue
+		}
+		last = data
+		p, err := ParsePolicy(data)
+		if err == nil {
+			err = w.Store.Store(p)
+		}
+		if err != nil {
+			log.Error("new policy rejected; keeping the policy in force", "path", w.Path, "err", err)
+		} else {
+			log.Info("policy reloaded", "path", w.Path)
+		}
+		w.report(err)
+	}
+}
+
+func (w *PolicyWatcher) report(err error) {
+	if w.OnReload != nil {
+		w.OnReload(err)
+	}
+}

@@ -1,0 +1,54 @@
+// Command meshctl is meshca's operator CLI.
+//
+//	meshctl dev-token --ns N --sa S     mint a development token (dev mode only)
+//	meshctl issue --token T             ask a running meshca for a certificate
+//	meshctl bench                       load-test a running meshca
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "meshctl:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+const usage = `usage:
+  meshctl dev-token [--config FILE] --ns NAMESPACE --sa SERVICEACCOUNT [--pod NAME] [--ttl 1h]
+  meshctl issue [--addr HOST:PORT] [--ca-cert FILE] --token TOKEN|@FILE [--ttl 1h] [--key ecdsa|rsa] [--out DIR]
+  meshctl bench [--addr HOST:PORT] [--ca-cert FILE] [--concurrency 1,8,64] [--duration 10s] [--metrics URL]`
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, usage)
+		return flag.ErrHelp
+	}
+	switch args[0] {
+	case "dev-token":
+		return devTokenCmd(args[1:], stdout, stderr)
+	case "issue":
+		return issueCmd(ctx, args[1:], stdout, stderr)
+	case "bench":
+		return benchCmd(ctx, args[1:], stdout, stderr)
+	case "-h", "--help", "help":
+		fmt.Fprintln(stdout, usage)
+		return nil
+	default:
+		return fmt.Errorf("unknown command %q\n%s", args[0], usage)
+	}
+}
