@@ -1,0 +1,331 @@
+// Package e2e runs the meshca binary against a real etcd + kube-apiserver
+// and Istio's real pilot-agent, inside a private network namespace (the
+// agent's status port listens on every interface).
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	pb "istio.io/api/security/v1alpha1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/meshca/meshca/test/kubeenv"
+	"github.com/meshca/meshca/test/pilotagent"
+)
+
+var (
+	env     *kubeenv.Env
+	binDir  string // holds the meshca and meshctl binaries built for this run
+	meshKey string // kubeconfig of meshca's own service account
+)
+
+func TestMain(m *testing.M) {
+	if !pilotagent.InNetNS() {
+		pilotagent.ReexecInNetNS(m) // runs this binary again inside; never returns
+	}
+	os.Exit(setupAndRun(m))
+}
+
+func setupAndRun(m *testing.M) int {
+	var (
+		stop func()
+		err  error
+	)
+	env, stop, err = kubeenv.StartMain()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e: start kube-apiserver:", err)
+		return 1
+	}
+	defer stop()
+	binDir, err = os.MkdirTemp("", "meshca-e2e-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		return 1
+	}
+	defer os.RemoveAll(binDir)
+	for _, cmd := range []string{"meshca", "meshctl"} {
+		out, err := exec.Command("go", "build", "-o", filepath.Join(binDir, cmd), "github.com/meshca/meshca/cmd/"+cmd).CombinedOutput()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "e2e: build %s: %v\n%s", cmd, err, out)
+			return 1
+		}
+	}
+	return m.Run()
+}
+
+// grantMeshcaRBAC creates meshca's own service account with the least
+// RBAC it needs, and writes a kubeconfig for it.
+func meshcaKubeconfig(t *testing.T) string {
+	t.Helper()
+	if meshKey != "" {
+		return meshKey
+	}
+	ctx := t.Context()
+	env.CreateServiceAccount(t, "istio-system", "meshca")
+	subject := []rbacv1.Subject{{Kind: "ServiceAccount", Name: "meshca", Namespace: "istio-system"}}
+	_, err := env.Client.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{
+		ObjectMeta: metav1.ObjectMeta{Name: "meshca-serviceaccounts"},
+		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"serviceaccounts"}, Verbs: []string{"list", "watch"}}},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	for _, role := range []string{"system:auth-delegator", "system:service-account-issuer-discovery", "meshca-serviceaccounts"} {
+		_, err := env.Client.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
+			ObjectMeta: metav1.ObjectMeta{Name: "meshca-" + strings.ReplaceAll(role, ":", "-")},
+			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role},
+			Subjects:   subject,
+		}, metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
+	rc := env.ServiceAccountConfig(t, "istio-system", "meshca")
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: rc.Host, CertificateAuthorityData: rc.TLSClientConfig.CAData, CertificateAuthority: rc.TLSClientConfig.CAFile}
+	kc.AuthInfos["meshca"] = &clientcmdapi.AuthInfo{Token: rc.BearerToken}
+	kc.Contexts["c"] = &clientcmdapi.Context{Cluster: "c", AuthInfo: "meshca"}
+	kc.CurrentContext = "c"
+	dir, err := os.MkdirTemp("", "meshca-kubeconfig")
+	require.NoError(t, err)
+	meshKey = filepath.Join(dir, "kubeconfig")
+	require.NoError(t, clientcmd.WriteToFile(*kc, meshKey))
+	return meshKey
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// meshca is one running meshca process.
+type meshca struct {
+	dir       string
+	grpcAddr  string
+	adminURL  string
+	rootPEM   []byte
+	roots     *x509.CertPool
+	auditPath string
+	logPath   string
+}
+
+// startMeshca runs the meshca binary with the given YAML (server addresses,
+// backend dir and audit file are filled in) and waits until it is ready.
+func startMeshca(t *testing.T, yaml string) *meshca {
+	t.Helper()
+	dir := t.TempDir()
+	m := &meshca{
+		dir:       dir,
+		grpcAddr:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		adminURL:  fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+		auditPath: filepath.Join(dir, "audit.log"),
+		logPath:   filepath.Join(dir, "meshca.log"),
+	}
+	full := fmt.Sprintf(`server:
+  grpcAddress: %s
+  adminAddress: %s
+  dnsNames: [meshca.istio-system.svc]
+  ipAddresses: [127.0.0.1]
+audit:
+  file: %s
+%s`, m.grpcAddr, strings.TrimPrefix(m.adminURL, "http://"), m.auditPath, yaml)
+	if !strings.Contains(yaml, "backend:") {
+		full += fmt.Sprintf("backend:\n  type: selfsigned\n  selfSigned:\n    dir: %s\n    intermediate: true\n", filepath.Join(dir, "ca"))
+	}
+	cfgPath := filepath.Join(dir, "meshca.yaml")
+	require.NoError(t, os.WriteFile(cfgPath, []byte(full), 0o600))
+	logf, err := os.Create(m.logPath)
+	require.NoError(t, err)
+	cmd := exec.Command(filepath.Join(binDir, "meshca"), "serve", "--config", cfgPath)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	require.NoError(t, cmd.Start())
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		logf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(m.logPath)
+			t.Logf("meshca log:\n%s", b)
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(m.adminURL + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		select {
+		case err := <-exited:
+			b, _ := os.ReadFile(m.logPath)
+			t.Fatalf("meshca exited before ready: %v\n%s", err, b)
+		default:
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(m.logPath)
+			t.Fatalf("meshca not ready in 30s\n%s", b)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(yaml, "backend:") {
+		m.rootPEM, err = os.ReadFile(filepath.Join(dir, "ca", "root-cert.pem"))
+		require.NoError(t, err)
+		m.roots = x509.NewCertPool()
+		require.True(t, m.roots.AppendCertsFromPEM(m.rootPEM))
+	}
+	return m
+}
+
+func (m *meshca) client(t *testing.T) pb.IstioCertificateServiceClient {
+	t.Helper()
+	conn, err := grpc.NewClient(m.grpcAddr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		RootCAs: m.roots, ServerName: "meshca.istio-system.svc",
+	})))
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	return pb.NewIstioCertificateServiceClient(conn)
+}
+
+// audit returns the audit lines written so far.
+func (m *meshca) audit(t *testing.T) []map[string]any {
+	t.Helper()
+	f, err := os.Open(m.auditPath)
+	require.NoError(t, err)
+	defer f.Close()
+	var out []map[string]any
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := map[string]any{}
+		require.NoError(t, json.Unmarshal(sc.Bytes(), &line))
+		out = append(out, line)
+	}
+	return out
+}
+
+// metric returns the value of the sample whose line starts with prefix
+// (name and labels as exposed), or 0.
+func (m *meshca) metric(t *testing.T, prefix string) float64 {
+	t.Helper()
+	resp, err := http.Get(m.adminURL + "/metrics")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if line := sc.Text(); strings.HasPrefix(line, prefix+" ") {
+			v, err := strconv.ParseFloat(line[len(prefix)+1:], 64)
+			require.NoError(t, err)
+			return v
+		}
+	}
+	return 0
+}
+
+func withToken(ctx context.Context, tok string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
+}
+
+func newKey(t *testing.T) crypto.Signer {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	return k
+}
+
+func csrPEM(t *testing.T, key crypto.Signer, uri string, dns ...string) string {
+	t.Helper()
+	tmpl := &x509.CertificateRequest{DNSNames: dns}
+	if uri != "" {
+		u, err := url.Parse(uri)
+		require.NoError(t, err)
+		tmpl.URIs = []*url.URL{u}
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	require.NoError(t, err)
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+}
+
+func spiffeID(ns, sa string) string { return "spiffe://cluster.local/ns/" + ns + "/sa/" + sa }
+
+func parseCerts(t *testing.T, pems []string) []*x509.Certificate {
+	t.Helper()
+	var out []*x509.Certificate
+	for _, p := range pems {
+		rest := []byte(p)
+		for {
+			var b *pem.Block
+			b, rest = pem.Decode(rest)
+			if b == nil {
+				break
+			}
+			c, err := x509.ParseCertificate(b.Bytes)
+			require.NoError(t, err)
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// forgeClusterToken signs claims with the apiserver's own service-account
+// key, as the apiserver would, to make tokens the TokenRequest API will
+// not: already expired, or naming another issuer.
+func forgeClusterToken(t *testing.T, claims jwt.Claims, extra map[string]any) string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(env.Dir, "sa.key"))
+	require.NoError(t, err)
+	b, _ := pem.Decode(data)
+	require.NotNil(t, b)
+	key, err := x509.ParsePKCS1PrivateKey(b.Bytes)
+	require.NoError(t, err)
+	spki, err := x509.MarshalPKIXPublicKey(key.Public())
+	require.NoError(t, err)
+	sum := sha256.Sum256(spki)
+	kid := base64.RawURLEncoding.EncodeToString(sum[:]) // the apiserver's key ID scheme
+	sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: (*rsa.PrivateKey)(key)},
+		(&jose.SignerOptions{}).WithType("JWT").WithHeader("kid", kid))
+	require.NoError(t, err)
+	tok, err := jwt.Signed(sig).Claims(claims).Claims(extra).Serialize()
+	require.NoError(t, err)
+	return tok
+}

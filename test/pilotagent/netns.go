@@ -1,0 +1,104 @@
+package pilotagent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// netnsEnv marks a process that ReexecInNetNS started inside a private
+// network namespace.
+const netnsEnv = "MESHCA_NETNS"
+
+// InNetNS reports whether this process runs in the private network namespace
+// made by ReexecInNetNS, where only loopback exists and listening on all
+// interfaces exposes nothing.
+func InNetNS() bool {
+	return os.Getenv(netnsEnv) == "1"
+}
+
+// ReexecInNetNS is for TestMain of a package that runs pilot-agent, whose
+// status server listens on all interfaces. Outside the namespace it runs the
+// test binary again, with the same arguments, under
+// `unshare -n` with loopback up, forwards its output and signals, and exits
+// with its exit code. Inside (InNetNS), it runs m.Run and exits. Everything
+// the tests start (CA, kube-apiserver, pilot-agent) then shares that one
+// loopback. It never returns.
+//
+// unshare (util-linux) and ip (iproute2) must be installed, and the caller
+// must be root; otherwise it exits with a message saying so.
+func ReexecInNetNS(m *testing.M) {
+	if InNetNS() {
+		os.Exit(m.Run())
+	}
+	code, err := reexec()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "pilotagent: %v\n", err)
+		os.Exit(1)
+	}
+	os.Exit(code)
+}
+
+func reexec() (int, error) {
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		return 0, errors.New("cannot run tests in a private network namespace: unshare not found (Debian package util-linux)")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return 0, errors.New("cannot run tests in a private network namespace: ip not found (Debian package iproute2)")
+	}
+	// A dry run first, so a missing privilege is reported as such rather
+	// than as a failed test binary.
+	if out, err := exec.Command(unshare, "-n", "--", "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("cannot make a private network namespace (unshare -n needs root or CAP_SYS_ADMIN; uid %d): %v: %s",
+			os.Geteuid(), err, strings.TrimSpace(string(out)))
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return 0, fmt.Errorf("find test binary: %w", err)
+	}
+	// unshare and sh exec in place, so cmd.Process is the test binary.
+	args := append([]string{"-n", "--", "sh", "-c", `ip link set lo up && exec "$0" "$@"`, exe}, os.Args[1:]...)
+	cmd := exec.Command(unshare, args...)
+	cmd.Env = append(os.Environ(), netnsEnv+"=1")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+
+	sigs := make(chan os.Signal, 1)
+	// SIGQUIT is how go test asks a hung test binary for its stacks.
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
+	defer signal.Stop(sigs)
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("start test binary under unshare: %w", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case s := <-sigs:
+				_ = cmd.Process.Signal(s)
+			case <-done:
+				return
+			}
+		}
+	}()
+	err = cmd.Wait()
+	close(done)
+	var exitErr *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, nil
+	case errors.As(err, &exitErr):
+		if ws, ok := exitErr.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal()), nil
+		}
+		return exitErr.ExitCode(), nil
+	default:
+		return 0, fmt.Errorf("run test binary under unshare: %w", err)
+	}
+}
