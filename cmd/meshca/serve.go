@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	httppprof "net/http/pprof"
 	"os"
 	"path/filepath"
 	"strings"
@@ -49,6 +50,7 @@ func serveCmd(ctx context.Context, args []string, stderr io.Writer) error {
 	level := fs.String("log-level", "", "override log.level (debug, info, warn, error)")
 	grpcAddr := fs.String("grpc-address", "", "override server.grpcAddress")
 	adminAddr := fs.String("admin-address", "", "override server.adminAddress")
+	pprof := fs.Bool("pprof", false, "serve Go profiles under /debug/pprof/ on the admin port")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -73,6 +75,9 @@ func serveCmd(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	log := newLogger(cfg.Log, stderr)
 	srv, err := newServer(ctx, cfg, log)
+	if err == nil {
+		srv.pprof = *pprof
+	}
 	if err != nil {
 		log.Error("meshca failed to start", "err", err)
 		return err
@@ -104,6 +109,7 @@ type server struct {
 	saIndex   *kube.ServiceAccountIndex
 	auditFile *os.File
 	ready     atomic.Bool
+	pprof     bool
 }
 
 func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*server, error) {
@@ -387,6 +393,12 @@ func (s *server) close() {
 func (s *server) adminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	if s.pprof {
+		mux.HandleFunc("/debug/pprof/", httppprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"text/tabwriter"
 	"time"
 
 	"google.golang.org/grpc"
@@ -87,8 +86,8 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		clients[i] = pb.NewIstioCertificateServiceClient(conn)
 	}
 
-	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "concurrency\tcerts/s\tp50\tp90\tp99\tserver CPU/cert\tserver RSS\terrors\t")
+	const row = "%11s %9s %9s %9s %9s %16s %11s %7s\n"
+	fmt.Fprintf(stdout, row, "concurrency", "certs/s", "p50", "p90", "p99", "server CPU/cert", "server RSS", "errors")
 	for _, c := range cs {
 		run := func(d time.Duration, limit int, record bool) (n int, errs int64, lat []time.Duration) {
 			var (
@@ -158,9 +157,8 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 			rss = fmt.Sprintf("%.0f MiB", after.rss/(1<<20))
 		}
-		fmt.Fprintf(tw, "%d\t%.0f\t%s\t%s\t%s\t%s\t%s\t%d\t\n", c, float64(n)/elapsed.Seconds(),
-			pct(lat, 0.50), pct(lat, 0.90), pct(lat, 0.99), cpu, rss, errs)
-		tw.Flush()
+		fmt.Fprintf(stdout, row, strconv.Itoa(c), fmt.Sprintf("%.0f", float64(n)/elapsed.Seconds()),
+			pct(lat, 0.50), pct(lat, 0.90), pct(lat, 0.99), cpu, rss, strconv.FormatInt(errs, 10))
 	}
 	return nil
 }
