@@ -173,12 +173,16 @@ func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 	if req.ValiditySeconds < 0 {
 		return nil, fmt.Errorf("%w: validity_duration is %d seconds; want 0 (policy default) or a positive number", ErrBadRequest, req.ValiditySeconds)
 	}
+	rule := c.policy.Policy().Resolve(caller.Namespace, caller.ServiceAccount)
 	csr, kt, err := ParseCSR(req.CSR)
 	if err != nil {
+		var ce *CSRError
+		if errors.As(err, &ce) && ce.Reason == CSRKeyType {
+			err = csrErr(CSRKeyType, "%s; the policy for %s/%s allows %s", ce.Detail, caller.Namespace, caller.ServiceAccount, keyTypeList(rule.KeyTypes))
+		}
 		c.rejectCSR(err)
 		return nil, err
 	}
-	rule := c.policy.Policy().Resolve(caller.Namespace, caller.ServiceAccount)
 	if !rule.Allows(kt) {
 		err := csrErr(CSRKeyType, "CSR key is %s; the policy for %s/%s allows %s", kt, caller.Namespace, caller.ServiceAccount, keyTypeList(rule.KeyTypes))
 		c.rejectCSR(err)

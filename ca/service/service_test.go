@@ -291,8 +291,8 @@ func TestCreateCertificateBadInput(t *testing.T) {
 		{name: "CSR asking for CA:true", ctx: bearer(t, "tok-web"), csr: csrFor(t, p256, func(r *x509.CertificateRequest) {
 			r.ExtraExtensions = []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 19}, Critical: true, Value: caTrue}}
 		}, webID), wantCode: codes.InvalidArgument, wantMsg: "CA certificate", wantReason: ca.CSRRequestsCA},
-		{name: "RSA-1024 key", ctx: bearer(t, "tok-web"), csr: csrFor(t, rsa1024, nil, webID), wantCode: codes.InvalidArgument, wantMsg: "RSA-1024", wantReason: ca.CSRKeyType},
-		{name: "P-224 key", ctx: bearer(t, "tok-web"), csr: csrFor(t, p224, nil, webID), wantCode: codes.InvalidArgument, wantMsg: "P-224", wantReason: ca.CSRKeyType},
+		{name: "RSA-1024 key", ctx: bearer(t, "tok-web"), csr: csrFor(t, rsa1024, nil, webID), wantCode: codes.InvalidArgument, wantMsg: "CSR key is RSA-1024; the policy for demo/web allows ECDSA-P256, ECDSA-P384, RSA-2048, RSA-3072, RSA-4096", wantReason: ca.CSRKeyType},
+		{name: "P-224 key", ctx: bearer(t, "tok-web"), csr: csrFor(t, p224, nil, webID), wantCode: codes.InvalidArgument, wantMsg: "P-224; the policy for demo/web allows ECDSA-P256", wantReason: ca.CSRKeyType},
 		{name: "broken CSR signature", ctx: bearer(t, "tok-web"), csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: broken})),
 			wantCode: codes.InvalidArgument, wantMsg: "signature", wantReason: ca.CSRBadSignature},
 		{name: "CSR not PEM", ctx: bearer(t, "tok-web"), csr: "this is not a CSR", wantCode: codes.InvalidArgument, wantMsg: "not PEM", wantReason: ca.CSRNotPEM},

@@ -3,7 +3,8 @@
 //	meshca serve --config FILE      serve with a configuration file
 //	meshca serve --dev              serve the embedded no-cluster dev config
 //	meshca policy explain --config FILE NS/SA
-//	meshca config defaults          print the embedded dev configuration
+//	meshca config check --config FILE  validate a configuration and its policy
+//	meshca config dev                  print the embedded dev configuration
 package main
 
 import (
@@ -32,6 +33,7 @@ func main() {
 const usage = `usage:
   meshca serve (--config FILE | --dev) [--log-level LEVEL] [--grpc-address ADDR] [--admin-address ADDR]
   meshca policy explain --config FILE NAMESPACE/SERVICEACCOUNT
+  meshca config check --config FILE
   meshca config dev`
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -48,10 +50,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		return explainCmd(args[2:], stdout, stderr)
 	case "config":
-		if len(args) < 2 || args[1] != "dev" {
-			return fmt.Errorf("unknown config command; %s", usage)
+		switch {
+		case len(args) >= 2 && args[1] == "dev":
+			return printDevConfig(stdout)
+		case len(args) >= 2 && args[1] == "check":
+			return checkCmd(args[2:], stdout, stderr)
 		}
-		return printDevConfig(stdout)
+		return fmt.Errorf("unknown config command; %s", usage)
 	case "-h", "--help", "help":
 		fmt.Fprintln(stdout, usage)
 		return nil

@@ -1,0 +1,152 @@
+package ca_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+
+	"github.com/meshca/meshca/authn"
+	"github.com/meshca/meshca/backends/selfsigned"
+	"github.com/meshca/meshca/ca"
+)
+
+func newTestCA(t *testing.T, p *ca.Policy, wrap func(ca.Backend) ca.Backend) (*ca.CA, *ca.Metrics) {
+	t.Helper()
+	var b ca.Backend
+	b, err := selfsigned.New(selfsigned.Config{})
+	require.NoError(t, err)
+	if wrap != nil {
+		b = wrap(b)
+	}
+	store, err := ca.NewPolicyStore(p)
+	require.NoError(t, err)
+	m, err := ca.NewMetrics(nil)
+	require.NoError(t, err)
+	c, err := ca.New(ca.Config{Backend: b, Policy: store, Metrics: m})
+	require.NoError(t, err)
+	return c, m
+}
+
+func testCaller(t *testing.T, ns, sa string) *authn.Caller {
+	t.Helper()
+	id, err := authn.ServiceAccountID(spiffeid.RequireTrustDomainFromString("cluster.local"), ns, sa)
+	require.NoError(t, err)
+	return &authn.Caller{ID: id, Namespace: ns, ServiceAccount: sa}
+}
+
+func TestIssueKeyPolicyPerNamespace(t *testing.T) {
+	c, m := newTestCA(t, &ca.Policy{
+		Namespaces: map[string]ca.Rule{
+			"strict": {KeyTypes: []ca.KeyType{ca.KeyECDSAP384}},
+			"edge":   {KeyTypes: []ca.KeyType{ca.KeyEd25519, ca.KeyECDSAP256}},
+		},
+	}, nil)
+	_, edKey, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	p256 := ecKey(t, elliptic.P256())
+
+	tests := []struct {
+		name    string
+		ns      string
+		key     crypto.Signer
+		wantErr string
+	}{
+		{name: "P-256 allowed by default", ns: "web", key: p256},
+		{name: "Ed25519 refused by default", ns: "web", key: edKey, wantErr: "CSR key is Ed25519; the policy for web/app allows ECDSA-P256, ECDSA-P384, RSA-2048, RSA-3072, RSA-4096"},
+		{name: "Ed25519 allowed where the policy opts in", ns: "edge", key: edKey},
+		{name: "P-256 refused where only P-384 is allowed", ns: "strict", key: p256, wantErr: "CSR key is ECDSA-P256; the policy for strict/app allows ECDSA-P384"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cl := testCaller(t, tc.ns, "app")
+			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csrPEM(t, tc.key, []string{cl.ID.String()}, nil)})
+			if tc.wantErr == "" {
+				require.NoError(t, err)
+				require.NotEmpty(t, issued.CertPEM)
+				return
+			}
+			require.ErrorIs(t, err, ca.ErrBadCSR)
+			require.EqualError(t, err, "bad CSR: "+tc.wantErr)
+		})
+	}
+	require.Equal(t, 2.0, testutil.ToFloat64(m.CSRRejections.WithLabelValues(ca.CSRKeyType)))
+	require.Equal(t, 1.0, testutil.ToFloat64(m.Issued.WithLabelValues(string(ca.KeyEd25519))))
+}
+
+// badRequestBackend refuses every request as invalid, the way a backend
+// would if the CA's own checks had let something through.
+type badRequestBackend struct{ ca.Backend }
+
+func (badRequestBackend) Sign(context.Context, ca.SignRequest) (*ca.SignResponse, error) {
+	return nil, ca.ErrInvalidSignRequest
+}
+
+// downBackend fails the way an unreachable upstream does.
+type downBackend struct{ ca.Backend }
+
+func (downBackend) Sign(context.Context, ca.SignRequest) (*ca.SignResponse, error) {
+	return nil, errors.New("dial tcp 10.0.0.1:8200: connection refused")
+}
+
+func TestIssueBackendErrors(t *testing.T) {
+	cl := testCaller(t, "demo", "web")
+	csr := csrPEM(t, ecKey(t, elliptic.P256()), []string{cl.ID.String()}, nil)
+
+	c, _ := newTestCA(t, &ca.Policy{}, func(b ca.Backend) ca.Backend { return downBackend{b} })
+	_, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr})
+	require.ErrorIs(t, err, ca.ErrBackendUnavailable, "an unknown backend failure is an outage: the client retries")
+
+	c, _ = newTestCA(t, &ca.Policy{}, func(b ca.Backend) ca.Backend { return badRequestBackend{b} })
+	_, err = c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr})
+	require.ErrorIs(t, err, ca.ErrInvalidSignRequest)
+	require.NotErrorIs(t, err, ca.ErrBackendUnavailable, "a request that slipped past the checks is a bug, not an outage")
+
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	c, _ = newTestCA(t, &ca.Policy{}, func(b ca.Backend) ca.Backend { return downBackend{b} })
+	_, err = c.Issue(ctx, ca.IssueRequest{Caller: cl, CSR: csr})
+	require.ErrorIs(t, err, context.Canceled)
+}
+
+func TestIssueValidity(t *testing.T) {
+	c, m := newTestCA(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 6 * time.Hour, MinTTL: time.Hour, MaxTTL: 12 * time.Hour}}, nil)
+	cl := testCaller(t, "demo", "web")
+	csr := csrPEM(t, ecKey(t, elliptic.P256()), []string{cl.ID.String()}, nil)
+	tests := []struct {
+		name      string
+		seconds   int64
+		wantLife  time.Duration
+		wantClamp ca.Clamp
+		wantErr   error
+	}{
+		{name: "zero is the default", seconds: 0, wantLife: 6 * time.Hour},
+		{name: "honoured inside bounds", seconds: 7200, wantLife: 2 * time.Hour},
+		{name: "clamped up", seconds: 60, wantLife: time.Hour, wantClamp: ca.ClampMin},
+		{name: "clamped down", seconds: 86400 * 365, wantLife: 12 * time.Hour, wantClamp: ca.ClampMax},
+		{name: "beyond a Duration", seconds: 1<<63 - 1, wantLife: 12 * time.Hour, wantClamp: ca.ClampMax},
+		{name: "negative", seconds: -1, wantErr: ca.ErrBadRequest},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr, ValiditySeconds: tc.seconds})
+			if tc.wantErr != nil {
+				require.ErrorIs(t, err, tc.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tc.wantClamp, issued.Clamp)
+			require.Equal(t, tc.wantLife+30*time.Second, issued.NotAfter.Sub(issued.NotBefore).Round(time.Second))
+		})
+	}
+	require.Equal(t, 2.0, testutil.ToFloat64(m.TTLClamps.WithLabelValues("max")))
+	require.Equal(t, 1.0, testutil.ToFloat64(m.TTLClamps.WithLabelValues("min")))
+}
