@@ -4,10 +4,11 @@ SHELL := bash
 
 GO        ?= go
 BIN       := $(CURDIR)/bin
-TOOLS_BIN ?= $(CURDIR)/.cache/bin
-export MESHCA_BIN := $(TOOLS_BIN)
+# Where test/tools/build.sh puts (and reuses) the real test servers.
+MESHCA_BIN ?= $(CURDIR)/.cache/bin
+export MESHCA_BIN
 
-STATICCHECK := honnef.co/go/tools/cmd/staticcheck@2025.1.1
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 GOVULNCHECK := golang.org/x/vuln/cmd/govulncheck@v1.1.4
 HELM        := helm.sh/helm/v3/cmd/helm@v3.22.0
 

@@ -37,9 +37,8 @@ var testID = spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/we
 
 // ca3 is a three-tier PKI: root -> inter -> leafCA, plus a second root.
 type ca3 struct {
-	root, inter, leafCA, otherRoot     *x509.Certificate
-	rootKey, interKey, leafCAKey       crypto.Signer
-	leafCAKeyPEM, rootKeyPEM, interPEM []byte
+	root, inter, leafCA, otherRoot *x509.Certificate
+	rootKey, interKey, leafCAKey   crypto.Signer
 }
 
 func newECKey(t *testing.T) crypto.Signer {

@@ -174,6 +174,7 @@ func (c *Config) applyDefaults() {
 		c.Authn.Cache.MaxEntries = 100_000
 	}
 	def(&c.Backend.Type, "selfsigned")
+	def(&c.Backend.SelfSigned.TrustDomain, c.TrustDomain)
 	defDur(&c.Policy.ReloadInterval, 5*time.Second)
 	def(&c.Log.Level, "info")
 	def(&c.Log.Format, "json")
