@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/google/renameio/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -439,7 +440,7 @@ func writeRoots(ctx context.Context, b ca.Backend, path string) error {
 	for _, r := range roots {
 		buf = append(buf, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
 	}
-	return devkey.WriteFileAtomic(path, buf, 0o644)
+	return renameio.WriteFile(path, buf, 0o644)
 }
 
 func parseIPs(ss []string) []net.IP {

@@ -23,6 +23,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/renameio/v2"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -100,10 +101,10 @@ func issueCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err := os.MkdirAll(*out, 0o700); err != nil {
 			return err
 		}
-		if err := devkey.WriteFileAtomic(filepath.Join(*out, "key.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		if err := renameio.WriteFile(filepath.Join(*out, "key.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 			return err
 		}
-		if err := devkey.WriteFileAtomic(filepath.Join(*out, "cert-chain.pem"), []byte(strings.Join(chain, "")), 0o644); err != nil {
+		if err := renameio.WriteFile(filepath.Join(*out, "cert-chain.pem"), []byte(strings.Join(chain, "")), 0o644); err != nil {
 			return err
 		}
 		fmt.Fprintf(stdout, "wrote:      %s\n", *out)

@@ -23,6 +23,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/google/renameio/v2"
 )
 
 // File names inside the development directory.
@@ -54,7 +55,7 @@ func Ensure(dir string) (*Key, error) {
 		if err != nil {
 			return nil, fmt.Errorf("encode dev key: %w", err)
 		}
-		if err := WriteFileAtomic(filepath.Join(dir, KeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		if err := renameio.WriteFile(filepath.Join(dir, KeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 			return nil, err
 		}
 		k, err = Load(dir)
@@ -69,7 +70,7 @@ func Ensure(dir string) (*Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode dev JWKS: %w", err)
 	}
-	if err := WriteFileAtomic(filepath.Join(dir, JWKSFile), data, 0o644); err != nil {
+	if err := renameio.WriteFile(filepath.Join(dir, JWKSFile), data, 0o644); err != nil {
 		return nil, err
 	}
 	return k, nil
@@ -164,33 +165,4 @@ func madeUpUID(name string) string {
 	s := sha256.Sum256([]byte(name))
 	h := hex.EncodeToString(s[:16])
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
-}
-
-// WriteFileAtomic writes data to path through a synced temporary file and
-// a rename, so a crash leaves either the old file or the new one.
-func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
 }
