@@ -10,7 +10,6 @@ export MESHCA_BIN
 
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 GOVULNCHECK := golang.org/x/vuln/cmd/govulncheck@v1.1.4
-HELM        := helm.sh/helm/v3/cmd/helm@v3.22.0
 
 .PHONY: help
 help: ## list the targets
@@ -25,8 +24,8 @@ run: build ## run meshca on the embedded dev config (no cluster needed)
 	$(BIN)/meshca serve --dev
 
 .PHONY: test-servers
-test-servers: ## build (or reuse) etcd, kube-apiserver and pilot-agent into .cache/bin
-	test/tools/build.sh etcd kube-apiserver pilot-agent
+test-servers: ## build (or reuse) etcd, kube-apiserver, pilot-agent and helm into $(MESHCA_BIN)
+	test/tools/build.sh etcd kube-apiserver pilot-agent helm
 
 .PHONY: test
 test: test-servers ## run every test with -race, including the end-to-end ones on real servers
@@ -63,9 +62,9 @@ vuln: ## govulncheck (needs access to the Go vulnerability database)
 	$(GO) run $(GOVULNCHECK) ./...
 
 .PHONY: chart-lint
-chart-lint: ## helm lint and render the chart
-	HOME=$$(mktemp -d) $(GO) run $(HELM) lint charts/meshca
-	HOME=$$(mktemp -d) $(GO) run $(HELM) template meshca charts/meshca >/dev/null
+chart-lint: test-servers ## helm lint and render the chart (helm is built by test-servers)
+	HOME=$$(mktemp -d) $(MESHCA_BIN)/helm lint --strict charts/meshca
+	HOME=$$(mktemp -d) $(MESHCA_BIN)/helm template meshca charts/meshca >/dev/null
 
 .PHONY: clean
 clean: ## remove built binaries (keeps the cached test servers)
