@@ -135,3 +135,33 @@ func ServiceAccountID(td spiffeid.TrustDomain, namespace, serviceAccount string)
 	}
 	return id, nil
 }
+
+// A ServiceAccountLookup tells whether a service account exists now, and its
+// UID. It must be fast (it runs on every authentication, cache hits
+// included) and safe for concurrent use. It returns found=false for a
+// service account that does not exist, and an error wrapping ErrUnavailable
+// when it cannot tell yet.
+type ServiceAccountLookup interface {
+	ServiceAccountUID(namespace, name string) (uid string, found bool, err error)
+}
+
+// CheckServiceAccount refuses a caller whose service account no longer
+// exists, or was re-created (a different UID) since its credential was
+// issued. A nil lookup checks nothing; an empty c.ServiceAccountUID checks
+// existence only.
+func CheckServiceAccount(lookup ServiceAccountLookup, c *Caller) error {
+	if lookup == nil {
+		return nil
+	}
+	uid, found, err := lookup.ServiceAccountUID(c.Namespace, c.ServiceAccount)
+	if err != nil {
+		return fmt.Errorf("check service account: %w", err)
+	}
+	if !found {
+		return Fail(ReasonServiceAccountGone, "service account %s/%s no longer exists", c.Namespace, c.ServiceAccount)
+	}
+	if c.ServiceAccountUID != "" && uid != c.ServiceAccountUID {
+		return Fail(ReasonServiceAccountGone, "service account %s/%s was deleted and re-created since the credential was issued", c.Namespace, c.ServiceAccount)
+	}
+	return nil
+}

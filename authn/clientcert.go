@@ -14,14 +14,22 @@ import (
 type ClientCertConfig struct {
 	// TrustDomain is the only trust domain accepted. Required.
 	TrustDomain spiffeid.TrustDomain
-	// Roots returns the CA's current trust bundle. Required.
+	// Roots returns the CA's current trust bundle. Required. Every CA under
+	// these roots that issues SPIFFE IDs in TrustDomain is trusted to renew
+	// them: where a root is shared with other issuers (clusters sharing a
+	// plugged root and trust domain), leave clientcert out of the chain.
 	Roots func(ctx context.Context) ([]*x509.Certificate, error)
+	// ServiceAccounts, if set, refuses renewal for a service account that
+	// no longer exists, so a held certificate cannot outlive its account.
+	ServiceAccounts ServiceAccountLookup
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 }
 
 // ClientCert lets a workload that holds an unexpired certificate from this
-// CA renew the same identity without a token.
+// CA renew the same identity without a token. A call that also carries a
+// token is left to the token authenticators, so a stale certificate never
+// blocks a good token.
 type ClientCert struct {
 	cfg ClientCertConfig
 }
@@ -44,7 +52,7 @@ func NewClientCert(cfg ClientCertConfig) (*ClientCert, error) {
 // against the current roots for client authentication, then reads the
 // leaf's one SPIFFE ID of the form /ns/<ns>/sa/<sa>.
 func (c *ClientCert) Authenticate(ctx context.Context, creds Credentials) (*Caller, error) {
-	if len(creds.PeerCertificates) == 0 {
+	if len(creds.PeerCertificates) == 0 || creds.Token != "" {
 		return nil, ErrNoCredentials
 	}
 	roots, err := c.cfg.Roots(ctx)
@@ -87,5 +95,9 @@ func (c *ClientCert) Authenticate(ctx context.Context, creds Credentials) (*Call
 	if ns == "" || sa == "" {
 		return nil, Fail(ReasonNotServiceAccount, "client certificate identity %s is not of the form /ns/<namespace>/sa/<serviceaccount>", id)
 	}
-	return &Caller{ID: id, Namespace: ns, ServiceAccount: sa, Authenticator: "clientcert", ExpiresAt: leaf.NotAfter}, nil
+	caller := &Caller{ID: id, Namespace: ns, ServiceAccount: sa, Authenticator: "clientcert", ExpiresAt: leaf.NotAfter}
+	if err := CheckServiceAccount(c.cfg.ServiceAccounts, caller); err != nil {
+		return nil, err
+	}
+	return caller, nil
 }

@@ -17,18 +17,9 @@ import (
 	"github.com/meshca/meshca/authn"
 )
 
-// A ServiceAccountLookup tells whether a service account exists now, and its
-// UID. JWT and TokenReview use it to refuse the tokens of service accounts
-// that were deleted, or deleted and re-created (a new UID), after the token
-// was minted.
-//
-// ServiceAccountUID must be fast (it runs on every authentication, cache hits
-// included) and safe for concurrent use. It returns found=false for a service
-// account that does not exist, and an error wrapping authn.ErrUnavailable
-// when it cannot tell yet.
-type ServiceAccountLookup interface {
-	ServiceAccountUID(namespace, name string) (uid string, found bool, err error)
-}
+// ServiceAccountLookup is authn.ServiceAccountLookup, named here for the
+// configurations of this package.
+type ServiceAccountLookup = authn.ServiceAccountLookup
 
 // ServiceAccountIndex is a ServiceAccountLookup backed by a client-go shared
 // informer on the ServiceAccounts of all namespaces. It keeps only each
@@ -123,18 +114,5 @@ func (x *ServiceAccountIndex) ServiceAccountUID(namespace, name string) (string,
 // exists, or exists with another UID than the one the token names. A nil
 // lookup accepts everyone.
 func checkServiceAccount(lookup ServiceAccountLookup, c *authn.Caller) error {
-	if lookup == nil {
-		return nil
-	}
-	uid, found, err := lookup.ServiceAccountUID(c.Namespace, c.ServiceAccount)
-	if err != nil {
-		return fmt.Errorf("check service account: %w", err)
-	}
-	if !found {
-		return authn.Fail(authn.ReasonServiceAccountGone, "service account %s/%s no longer exists", c.Namespace, c.ServiceAccount)
-	}
-	if c.ServiceAccountUID != "" && uid != c.ServiceAccountUID {
-		return authn.Fail(authn.ReasonServiceAccountGone, "service account %s/%s was deleted and re-created since the token was issued", c.Namespace, c.ServiceAccount)
-	}
-	return nil
+	return authn.CheckServiceAccount(lookup, c)
 }

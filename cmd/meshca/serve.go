@@ -136,7 +136,7 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 	}
 
 	// Policy.
-	pol, err := config.LoadPolicy(cfg.Policy.File)
+	pol, loaded, err := config.LoadPolicy(cfg.Policy.File)
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +146,7 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 	}
 	if cfg.Policy.File != "" {
 		s.runners["policy"] = &config.PolicyWatcher{
-			Path: cfg.Policy.File, Store: store, Interval: cfg.Policy.ReloadInterval,
+			Path: cfg.Policy.File, Store: store, Loaded: loaded, Interval: cfg.Policy.ReloadInterval,
 			OnReload: func(err error) { countReload(metrics, "policy", err) },
 			Log:      log.With("component", "policy"),
 		}
@@ -212,6 +212,7 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		// Large enough that an oversized CSR reaches the handler and gets
 		// a precise answer; anything bigger is refused by gRPC itself.
 		grpc.MaxRecvMsgSize(256<<10),
+		grpc.MaxConcurrentStreams(cfg.Server.MaxConcurrentStreams),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	svc.Register(s.grpc)
@@ -249,6 +250,9 @@ func (s *server) authenticators(ctx context.Context, cfg *config.Config, td spif
 		if err != nil {
 			return nil, err
 		}
+		// client-go's default (5 QPS) would queue real cache misses behind
+		// a burst; an explicit bound keeps the apiserver safe all the same.
+		restCfg.QPS, restCfg.Burst = cfg.Authn.KubeQPS, cfg.Authn.KubeBurst
 		client, err = kubernetes.NewForConfig(restCfg)
 		if err != nil {
 			return nil, fmt.Errorf("kube client: %w", err)
@@ -267,7 +271,7 @@ func (s *server) authenticators(ctx context.Context, cfg *config.Config, td spif
 		)
 		switch name {
 		case config.AuthClientCert:
-			a, err = authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: s.backend.TrustBundle})
+			a, err = authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: s.backend.TrustBundle, ServiceAccounts: lookup})
 		case config.AuthJWT:
 			a, err = kube.NewJWT(kube.JWTConfig{
 				TrustDomain: td, Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,

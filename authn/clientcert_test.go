@@ -1,0 +1,137 @@
+package authn_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"math/big"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+
+	"github.com/meshca/meshca/authn"
+)
+
+// saTable is a state-based ServiceAccountLookup: namespace/name -> UID.
+type saTable map[string]string
+
+func (s saTable) ServiceAccountUID(ns, name string) (string, bool, error) {
+	uid, ok := s[ns+"/"+name]
+	return uid, ok, nil
+}
+
+type unsynced struct{}
+
+func (unsynced) ServiceAccountUID(string, string) (string, bool, error) {
+	return "", false, authn.ErrUnavailable
+}
+
+type pki struct {
+	root, inter *x509.Certificate
+	interKey    crypto.Signer
+}
+
+func newKey(t *testing.T) crypto.Signer {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	return k
+}
+
+func mint(t *testing.T, tmpl, parent *x509.Certificate, pub crypto.PublicKey, parentKey crypto.Signer) *x509.Certificate {
+	t.Helper()
+	tmpl.SerialNumber = big.NewInt(time.Now().UnixNano())
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, parentKey)
+	require.NoError(t, err)
+	c, err := x509.ParseCertificate(der)
+	require.NoError(t, err)
+	return c
+}
+
+func newPKI(t *testing.T) pki {
+	t.Helper()
+	now := time.Now()
+	rootKey, interKey := newKey(t), newKey(t)
+	caTmpl := func(cn string) *x509.Certificate {
+		return &x509.Certificate{Subject: pkix.Name{CommonName: cn}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	}
+	rt := caTmpl("root")
+	root := mint(t, rt, rt, rootKey.Public(), rootKey)
+	inter := mint(t, caTmpl("inter"), root, interKey.Public(), rootKey)
+	return pki{root: root, inter: inter, interKey: interKey}
+}
+
+func (p pki) leaf(t *testing.T, uri string, notAfter time.Time, eku ...x509.ExtKeyUsage) *x509.Certificate {
+	t.Helper()
+	tmpl := &x509.Certificate{NotBefore: time.Now().Add(-time.Hour), NotAfter: notAfter, ExtKeyUsage: eku, KeyUsage: x509.KeyUsageDigitalSignature}
+	if uri != "" {
+		u, err := url.Parse(uri)
+		require.NoError(t, err)
+		tmpl.URIs = []*url.URL{u}
+	} else {
+		tmpl.DNSNames = []string{"meshca.istio-system.svc"}
+	}
+	return mint(t, tmpl, p.inter, newKey(t).Public(), p.interKey)
+}
+
+func TestClientCert(t *testing.T) {
+	p := newPKI(t)
+	other := newPKI(t)
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	roots := func(context.Context) ([]*x509.Certificate, error) { return []*x509.Certificate{p.root}, nil }
+	later := time.Now().Add(time.Hour)
+	client := []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	web := "spiffe://cluster.local/ns/demo/sa/web"
+
+	tests := []struct {
+		name       string
+		chain      []*x509.Certificate
+		token      string
+		lookup     authn.ServiceAccountLookup
+		wantErr    error
+		wantReason string
+	}{
+		{name: "renews its own identity", chain: []*x509.Certificate{p.leaf(t, web, later, client...), p.inter}, lookup: saTable{"demo/web": "u1"}},
+		{name: "no certificate", wantErr: authn.ErrNoCredentials},
+		{name: "a token present is left to the token authenticators", chain: []*x509.Certificate{p.leaf(t, web, later, client...), p.inter}, token: "tok", wantErr: authn.ErrNoCredentials},
+		{name: "intermediate not sent", chain: []*x509.Certificate{p.leaf(t, web, later, client...)}, wantReason: authn.ReasonUntrustedCert},
+		{name: "issued by another CA", chain: []*x509.Certificate{other.leaf(t, web, later, client...), other.inter}, wantReason: authn.ReasonUntrustedCert},
+		{name: "expired", chain: []*x509.Certificate{p.leaf(t, web, time.Now().Add(-time.Minute), client...), p.inter}, wantReason: authn.ReasonExpired},
+		{name: "server-only EKU", chain: []*x509.Certificate{p.leaf(t, web, later, x509.ExtKeyUsageServerAuth), p.inter}, wantReason: authn.ReasonUntrustedCert},
+		{name: "no SPIFFE ID (a serving certificate)", chain: []*x509.Certificate{p.leaf(t, "", later, client...), p.inter}, wantReason: authn.ReasonNotServiceAccount},
+		{name: "other trust domain", chain: []*x509.Certificate{p.leaf(t, "spiffe://evil.example/ns/demo/sa/web", later, client...), p.inter}, wantReason: authn.ReasonUnknownIssuer},
+		{name: "not a service-account path", chain: []*x509.Certificate{p.leaf(t, "spiffe://cluster.local/workload/web", later, client...), p.inter}, wantReason: authn.ReasonNotServiceAccount},
+		{name: "service account deleted", chain: []*x509.Certificate{p.leaf(t, web, later, client...), p.inter}, lookup: saTable{}, wantReason: authn.ReasonServiceAccountGone},
+		{name: "service accounts not synced yet", chain: []*x509.Certificate{p.leaf(t, web, later, client...), p.inter}, lookup: unsynced{}, wantErr: authn.ErrUnavailable},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a, err := authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: roots, ServiceAccounts: tc.lookup})
+			require.NoError(t, err)
+			caller, err := a.Authenticate(t.Context(), authn.Credentials{PeerCertificates: tc.chain, Token: tc.token})
+			switch {
+			case tc.wantErr != nil:
+				require.ErrorIs(t, err, tc.wantErr)
+			case tc.wantReason != "":
+				var ae *authn.Error
+				require.True(t, errors.As(err, &ae), "%v", err)
+				require.Equal(t, tc.wantReason, ae.Reason)
+			default:
+				require.NoError(t, err)
+				require.Equal(t, web, caller.ID.String())
+				require.Equal(t, "demo", caller.Namespace)
+				require.Equal(t, "web", caller.ServiceAccount)
+				require.Equal(t, "clientcert", caller.Authenticator)
+			}
+		})
+	}
+}
