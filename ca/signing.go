@@ -63,6 +63,9 @@ type SigningCA struct {
 	verify      func(tbsOrDigest, sig []byte) bool
 	chainPEM    []string
 	signedBy    string
+	// notAfter is the earliest NotAfter in the chain: no leaf may outlive
+	// any certificate it needs.
+	notAfter time.Time
 }
 
 // Object identifiers and fixed DER pieces, as in crypto/x509.
@@ -172,6 +175,12 @@ func NewSigningCA(cert *x509.Certificate, key crypto.Signer, chain []*x509.Certi
 		s.chainPEM = append(s.chainPEM, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})))
 	}
 	s.signedBy = fmt.Sprintf("%s serial=%x", cert.Subject, cert.SerialNumber)
+	s.notAfter = cert.NotAfter
+	for _, c := range chain {
+		if c.NotAfter.Before(s.notAfter) {
+			s.notAfter = c.NotAfter
+		}
+	}
 	return s, nil
 }
 
@@ -307,7 +316,8 @@ func (s *SigningCA) Chain() []*x509.Certificate { return slices.Clone(s.chain) }
 // names and IP addresses as a critical subjectAltName, key usage
 // digitalSignature (plus keyEncipherment for RSA keys), extended key usage
 // serverAuth and clientAuth, and basic constraints CA:false. NotAfter is
-// capped at the signing certificate's NotAfter; both times are truncated to
+// capped at the earliest NotAfter of the signing certificate and the chain
+// above it (an expired chain is ErrBackendUnavailable); both times are truncated to
 // whole seconds, as X.509 encodes them, and the response carries the
 // truncated values.
 //
@@ -324,10 +334,16 @@ func (s *SigningCA) Sign(req SignRequest) (*SignResponse, error) {
 	}
 	notBefore := req.NotBefore.UTC().Truncate(time.Second)
 	notAfter := req.NotAfter
-	if notAfter.After(s.cert.NotAfter) {
-		notAfter = s.cert.NotAfter
+	capped := notAfter.After(s.notAfter)
+	if capped {
+		notAfter = s.notAfter
 	}
 	notAfter = notAfter.UTC().Truncate(time.Second)
+	if capped && !notAfter.After(notBefore) {
+		// Not the request's fault: the CA can no longer sign anything.
+		return nil, fmt.Errorf("sign leaf: the signing CA chain expired at %s: %w",
+			s.notAfter.UTC().Format(time.RFC3339), ErrBackendUnavailable)
+	}
 	if !notAfter.After(notBefore) {
 		return nil, fmt.Errorf("sign leaf: NotAfter %s is not after NotBefore %s (after capping at the CA's NotAfter): %w",
 			notAfter.Format(time.RFC3339), notBefore.Format(time.RFC3339), ErrInvalidSignRequest)

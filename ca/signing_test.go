@@ -331,7 +331,6 @@ func TestSigningCA_SignErrors(t *testing.T) {
 		{name: "nil CSR", req: ca.SignRequest{ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}},
 		{name: "NotAfter equals NotBefore", req: ca.SignRequest{CSR: csr, ID: testID, NotBefore: now, NotAfter: now}},
 		{name: "NotAfter before NotBefore", req: ca.SignRequest{CSR: csr, ID: testID, NotBefore: now, NotAfter: now.Add(-time.Minute)}},
-		{name: "empty after capping", req: ca.SignRequest{CSR: csr, ID: testID, NotBefore: now.Add(2 * time.Hour), NotAfter: now.Add(3 * time.Hour)}},
 		{name: "no names", req: ca.SignRequest{CSR: csr, NotBefore: now, NotAfter: now.Add(time.Minute)}},
 		{name: "non-ASCII DNS name", req: ca.SignRequest{CSR: csr, DNSNames: []string{"bücher.example"}, NotBefore: now, NotAfter: now.Add(time.Minute)}},
 		{name: "bad IP", req: ca.SignRequest{CSR: csr, IPAddresses: []net.IP{{1, 2, 3}}, NotBefore: now, NotAfter: now.Add(time.Minute)}},
@@ -474,4 +473,25 @@ func BenchmarkX509CreateCertificate(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// TestSigningCA_CapsAtChain checks that a leaf never outlives any
+// certificate it chains through, and that a CA that can no longer sign
+// anything reports an outage rather than a bad request.
+func TestSigningCA_CapsAtChain(t *testing.T) {
+	now := time.Now()
+	rootKey, interKey := newKey(t, "P-256"), newKey(t, "P-256")
+	// The root expires before the intermediate it issued.
+	root := issueCA(t, caTemplate("short root", now.Add(-time.Hour), now.Add(2*time.Hour)), rootKey, nil, nil)
+	inter := issueCA(t, caTemplate("long intermediate", now.Add(-time.Hour), now.Add(24*time.Hour)), interKey, root, rootKey)
+	s, err := ca.NewSigningCA(inter, interKey, []*x509.Certificate{root})
+	require.NoError(t, err)
+	csr := newCSR(t, newKey(t, "P-256"))
+	resp, err := s.Sign(ca.SignRequest{CSR: csr, ID: testID, NotBefore: now, NotAfter: now.Add(12 * time.Hour)})
+	require.NoError(t, err)
+	require.Equal(t, root.NotAfter.UTC(), resp.NotAfter, "capped at the root, the earliest NotAfter in the chain")
+
+	_, err = s.Sign(ca.SignRequest{CSR: csr, ID: testID, NotBefore: now.Add(3 * time.Hour), NotAfter: now.Add(4 * time.Hour)})
+	require.ErrorIs(t, err, ca.ErrBackendUnavailable, "an expired chain is an outage")
+	require.NotErrorIs(t, err, ca.ErrInvalidSignRequest)
 }
