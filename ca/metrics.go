@@ -100,15 +100,18 @@ func (c *ExpiryCollector) Collect(ch chan<- prometheus.Metric) {
 	if in, ok := c.Backend.(Inspector); ok {
 		chain := in.SigningChain()
 		for i, cert := range chain {
-			role := "chain"
-			switch {
-			case i == 0:
-				role = "signing"
-			case i == len(chain)-1:
-				role = "root"
-			}
 			seen[string(cert.Raw)] = true
-			emit(role, cert)
+			if i == 0 {
+				emit("signing", cert)
+			}
+			switch {
+			case i == len(chain)-1:
+				// Also when the root signs leaves itself, so an alert on
+				// role="root" always has a series.
+				emit("root", cert)
+			case i > 0:
+				emit("chain", cert)
+			}
 		}
 	}
 	if roots, err := c.Backend.TrustBundle(context.Background()); err == nil {

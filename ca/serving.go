@@ -86,7 +86,9 @@ func (s *ServingCert) Leaf() *x509.Certificate { return s.cur.Load().Leaf }
 func (s *ServingCert) Run(ctx context.Context) error {
 	for {
 		leaf := s.Leaf()
-		wait := RenewAt(leaf.NotBefore, leaf.NotAfter, s.cfg.RenewFraction, 0).Sub(s.cfg.Now())
+		// Never sooner than RetryInterval: a lifetime squeezed by an
+		// expiring CA must not turn renewal into a busy loop.
+		wait := max(RenewAt(leaf.NotBefore, leaf.NotAfter, s.cfg.RenewFraction, 0).Sub(s.cfg.Now()), s.cfg.RetryInterval)
 		for {
 			t := time.NewTimer(wait)
 			select {

@@ -87,3 +87,38 @@ func TestServingCertNeedsNames(t *testing.T) {
 	_, err = ca.NewServingCert(t.Context(), ca.ServingConfig{DNSNames: []string{"x"}})
 	require.ErrorContains(t, err, "Backend is required")
 }
+
+// squeezedBackend caps every leaf at deadline, as a CA about to expire does,
+// and counts signatures.
+type squeezedBackend struct {
+	ca.Backend
+	deadline time.Time
+	signs    atomic.Int64
+}
+
+func (b *squeezedBackend) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
+	b.signs.Add(1)
+	if req.NotAfter.After(b.deadline) {
+		req.NotAfter = b.deadline
+	}
+	return b.Backend.Sign(ctx, req)
+}
+
+func TestServingCertSqueezedByExpiringCANeverSpins(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ss, err := selfsigned.New(selfsigned.Config{})
+		require.NoError(t, err)
+		b := &squeezedBackend{Backend: ss, deadline: time.Now().Add(2 * time.Minute)}
+		s, err := ca.NewServingCert(t.Context(), ca.ServingConfig{Backend: b, DNSNames: []string{"meshca"}, TTL: time.Hour, RetryInterval: 10 * time.Second})
+		require.NoError(t, err)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error)
+		go func() { done <- s.Run(ctx) }()
+		time.Sleep(5 * time.Minute)
+		synctest.Wait()
+		// At most one attempt per RetryInterval, however short the lifetime.
+		require.LessOrEqual(t, b.signs.Load(), int64(5*60/10+1))
+		cancel()
+		require.NoError(t, <-done)
+	})
+}
