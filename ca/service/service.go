@@ -194,18 +194,21 @@ func reasonOf(err error) string {
 // anything unknown becomes a bare Internal.
 func toStatus(err error) *status.Status {
 	switch {
+	// A caller that gave up is not an outage; check this first, since an
+	// authenticator may wrap its caller's context error.
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.New(codes.DeadlineExceeded, "deadline exceeded while issuing")
+	case errors.Is(err, context.Canceled):
+		return status.New(codes.Canceled, "request canceled")
 	case errors.Is(err, authn.ErrUnavailable):
-		return status.New(codes.Unavailable, "cannot authenticate now, retry: "+err.Error())
+		// The detail (hosts, paths, apiserver messages) goes to the log.
+		return status.New(codes.Unavailable, "cannot authenticate now (the token authority is unreachable); retry later")
 	case errors.Is(err, authn.ErrUnauthenticated):
 		return status.New(codes.Unauthenticated, err.Error())
 	case errors.Is(err, authn.ErrIdentityMismatch):
 		return status.New(codes.PermissionDenied, err.Error())
 	case errors.Is(err, ca.ErrBadCSR), errors.Is(err, ca.ErrBadRequest):
 		return status.New(codes.InvalidArgument, err.Error())
-	case errors.Is(err, context.DeadlineExceeded):
-		return status.New(codes.DeadlineExceeded, "deadline exceeded while issuing")
-	case errors.Is(err, context.Canceled):
-		return status.New(codes.Canceled, "request canceled")
 	case errors.Is(err, ca.ErrBackendUnavailable):
 		return status.New(codes.Unavailable, "signing backend unavailable, retry later")
 	default:

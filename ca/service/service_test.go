@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net"
 	"net/url"
 	"strings"
@@ -50,6 +51,9 @@ type tokenTable map[string]*authn.Caller
 func (tt tokenTable) Authenticate(_ context.Context, creds authn.Credentials) (*authn.Caller, error) {
 	if creds.Token == "" {
 		return nil, authn.ErrNoCredentials
+	}
+	if creds.Token == "tok-authority-down" {
+		return nil, fmt.Errorf("%w: get https://10.9.9.9:6443/apis/authentication.k8s.io/v1/tokenreviews: connection refused", authn.ErrUnavailable)
 	}
 	c, ok := tt[creds.Token]
 	if !ok {
@@ -282,6 +286,7 @@ func TestCreateCertificateBadInput(t *testing.T) {
 		{name: "not a bearer token", ctx: metadata.AppendToOutgoingContext(t.Context(), "authorization", "Basic dXNlcjpwYXNz"), csr: good, wantCode: codes.Unauthenticated, wantReason: "malformed"},
 		{name: "empty bearer token", ctx: metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer  "), csr: good, wantCode: codes.Unauthenticated, wantReason: "malformed"},
 		{name: "unknown token", ctx: bearer(t, "tok-forged"), csr: good, wantCode: codes.Unauthenticated, wantReason: "bad_signature"},
+		{name: "token authority unreachable", ctx: bearer(t, "tok-authority-down"), csr: good, wantCode: codes.Unavailable, wantMsg: "retry later", wantReason: "unavailable"},
 		{name: "CSR for another service account", ctx: bearer(t, "tok-web"), csr: csrFor(t, p256, nil, "spiffe://cluster.local/ns/demo/sa/db"),
 			wantCode: codes.PermissionDenied, wantMsg: "spiffe://cluster.local/ns/demo/sa/db but the caller holds " + webID, wantReason: "identity_mismatch"},
 		{name: "CSR for another namespace", ctx: bearer(t, "tok-web"), csr: csrFor(t, p256, nil, "spiffe://cluster.local/ns/kube-system/sa/web"),
@@ -307,6 +312,7 @@ func TestCreateCertificateBadInput(t *testing.T) {
 			st := status.Convert(err)
 			require.Equal(t, tc.wantCode, st.Code(), st.Message())
 			require.Contains(t, st.Message(), tc.wantMsg)
+			require.NotContains(t, st.Message(), "10.9.9.9", "internal hosts stay in the log")
 			lines := f.audit.lines(t)
 			require.Len(t, lines, before+1, "one audit line per request")
 			require.Equal(t, "refused", lines[before]["result"])
