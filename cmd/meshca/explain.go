@@ -30,7 +30,7 @@ func explainCmd(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	pol, err := config.LoadPolicy(cfg.Policy.File)
+	pol, _, err := config.LoadPolicy(cfg.Policy.File)
 	if err != nil {
 		return err
 	}
@@ -89,7 +89,7 @@ func checkCmd(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if _, err := config.LoadPolicy(cfg.Policy.File); err != nil {
+	if _, _, err := config.LoadPolicy(cfg.Policy.File); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "%s: valid (backend %s, authn %s)\n", *cfgPath, cfg.Backend.Type, strings.Join(cfg.Authn.Chain, ","))

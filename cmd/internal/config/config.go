@@ -46,6 +46,8 @@ type Server struct {
 	ServingTTL time.Duration `yaml:"servingTTL"`
 	// ShutdownGrace bounds how long in-flight requests may finish on stop.
 	ShutdownGrace time.Duration `yaml:"shutdownGrace"`
+	// MaxConcurrentStreams bounds concurrent requests per client connection.
+	MaxConcurrentStreams uint32 `yaml:"maxConcurrentStreams"`
 }
 
 // Authn configures how callers are authenticated.
@@ -64,6 +66,10 @@ type Authn struct {
 	// Needed by tokenreview, by jwt without a JWKS file or URL, and by the
 	// service-account check.
 	Kubeconfig string `yaml:"kubeconfig"`
+	// KubeQPS and KubeBurst bound meshca's requests to the apiserver
+	// (TokenReviews on cache misses, discovery, the watch).
+	KubeQPS   float32 `yaml:"kubeQPS"`
+	KubeBurst int     `yaml:"kubeBurst"`
 	// CheckServiceAccounts refuses tokens whose service account no longer
 	// exists (or was re-created), using a watch on ServiceAccounts. Default
 	// true unless in dev mode.
@@ -88,6 +94,7 @@ type JWT struct {
 // Cache bounds the cache of authenticated tokens.
 type Cache struct {
 	// MaxTTL caps how long a result is reused; never past the token's exp.
+	// Negative turns the cache off.
 	MaxTTL time.Duration `yaml:"maxTTL"`
 	// MaxEntries bounds memory.
 	MaxEntries int `yaml:"maxEntries"`
@@ -157,11 +164,20 @@ func (c *Config) applyDefaults() {
 	}
 	defDur(&c.Server.ServingTTL, 24*time.Hour)
 	defDur(&c.Server.ShutdownGrace, 10*time.Second)
+	if c.Server.MaxConcurrentStreams == 0 {
+		c.Server.MaxConcurrentStreams = 1000
+	}
 	if c.Authn.Chain == nil {
 		c.Authn.Chain = []string{AuthClientCert, AuthTokenReview}
 	}
 	if c.Authn.Audiences == nil {
 		c.Authn.Audiences = []string{"istio-ca"}
+	}
+	if c.Authn.KubeQPS == 0 {
+		c.Authn.KubeQPS = 50
+	}
+	if c.Authn.KubeBurst == 0 {
+		c.Authn.KubeBurst = 100
 	}
 	if c.Authn.CheckServiceAccounts == nil {
 		v := !c.Dev.Enabled
@@ -201,8 +217,8 @@ func (c *Config) Validate() error {
 			bad(fmt.Sprintf("server.ipAddresses[%d]", i), "%q is not an IP address", ip)
 		}
 	}
-	if c.Server.ServingTTL < time.Minute {
-		bad("server.servingTTL", "must be at least 1m, got %s", c.Server.ServingTTL)
+	if c.Server.ServingTTL < 10*time.Minute {
+		bad("server.servingTTL", "must be at least 10m, got %s", c.Server.ServingTTL)
 	}
 	if c.Server.ShutdownGrace < 0 {
 		bad("server.shutdownGrace", "must not be negative")
@@ -223,6 +239,9 @@ func (c *Config) Validate() error {
 	if len(c.Authn.Audiences) == 0 {
 		bad("authn.audiences", "list at least one audience (istio-agent uses istio-ca)")
 	}
+	if c.Authn.KubeQPS < 0 || c.Authn.KubeBurst < 0 {
+		bad("authn.kubeQPS", "kubeQPS and kubeBurst must not be negative")
+	}
 	if c.Authn.JWT.JWKSFile != "" && c.Authn.JWT.JWKSURL != "" {
 		bad("authn.jwt", "set jwksFile or jwksURL, not both")
 	}
@@ -234,9 +253,6 @@ func (c *Config) Validate() error {
 	}
 	if c.Authn.JWT.RefetchInterval < 0 {
 		bad("authn.jwt.refetchInterval", "must not be negative")
-	}
-	if c.Authn.Cache.MaxTTL < 0 {
-		bad("authn.cache.maxTTL", "must not be negative (0 means the default)")
 	}
 	if c.Authn.Cache.MaxEntries < 0 {
 		bad("authn.cache.maxEntries", "must not be negative")

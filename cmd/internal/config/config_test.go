@@ -108,7 +108,7 @@ func TestPolicyWatcherReloads(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "policy.yaml")
 		write := func(s string) { require.NoError(t, os.WriteFile(path, []byte(s), 0o644)) }
 		write("default:\n  defaultTTL: 12h\n")
-		p, err := LoadPolicy(path)
+		p, loaded, err := LoadPolicy(path)
 		require.NoError(t, err)
 		store, err := ca.NewPolicyStore(p)
 		require.NoError(t, err)
@@ -116,7 +116,9 @@ func TestPolicyWatcherReloads(t *testing.T) {
 			mu      sync.Mutex
 			results []error
 		)
-		w := &PolicyWatcher{Path: path, Store: store, Interval: 5 * time.Second, OnReload: func(err error) {
+		// An edit between loading and Run is still picked up.
+		write("default:\n  defaultTTL: 11h\n")
+		w := &PolicyWatcher{Path: path, Store: store, Loaded: loaded, Interval: 5 * time.Second, OnReload: func(err error) {
 			mu.Lock()
 			defer mu.Unlock()
 			results = append(results, err)
@@ -124,10 +126,13 @@ func TestPolicyWatcherReloads(t *testing.T) {
 		go w.Run(t.Context())
 		ttl := func() time.Duration { return store.Policy().Resolve("a", "b").DefaultTTL }
 
+		require.Equal(t, 12*time.Hour, ttl())
 		time.Sleep(6 * time.Second)
 		synctest.Wait()
-		require.Equal(t, 12*time.Hour, ttl())
-		require.Empty(t, results, "an unchanged file is not reloaded")
+		require.Equal(t, 11*time.Hour, ttl(), "the edit made before Run is applied")
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		require.Len(t, results, 1, "an unchanged file is not reloaded again")
 
 		write("default:\n  defaultTTL: 6h\n")
 		time.Sleep(5 * time.Second)
@@ -146,9 +151,10 @@ func TestPolicyWatcherReloads(t *testing.T) {
 
 		mu.Lock()
 		defer mu.Unlock()
-		require.Len(t, results, 3, "one report per change; the bad version is reported once")
+		require.Len(t, results, 4, "one report per change; the bad version is reported once")
 		require.NoError(t, results[0])
-		require.ErrorContains(t, results[1], "renewFraction")
-		require.NoError(t, results[2])
+		require.NoError(t, results[1])
+		require.ErrorContains(t, results[2], "renewFraction")
+		require.NoError(t, results[3])
 	})
 }

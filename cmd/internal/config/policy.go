@@ -24,19 +24,20 @@ func ParsePolicy(data []byte) (*ca.Policy, error) {
 }
 
 // LoadPolicy reads the policy file at path; "" gives the built-in defaults.
-func LoadPolicy(path string) (*ca.Policy, error) {
+// It also returns the bytes it parsed, for PolicyWatcher.Loaded.
+func LoadPolicy(path string) (*ca.Policy, []byte, error) {
 	if path == "" {
-		return &ca.Policy{}, nil
+		return &ca.Policy{}, nil, nil
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("read policy: %w", err)
+		return nil, nil, fmt.Errorf("read policy: %w", err)
 	}
 	p, err := ParsePolicy(data)
 	if err != nil {
-		return nil, fmt.Errorf("policy %s: %w", path, err)
+		return nil, nil, fmt.Errorf("policy %s: %w", path, err)
 	}
-	return p, nil
+	return p, data, nil
 }
 
 // PolicyWatcher puts a changed policy file in force. It polls the file's
@@ -47,6 +48,10 @@ type PolicyWatcher struct {
 	Path string
 	// Store receives each valid new policy. Required.
 	Store *ca.PolicyStore
+	// Loaded is the content of the policy in force when Run starts, so an
+	// edit made between loading and Run is not mistaken for the baseline.
+	// Nil reads the file when Run starts.
+	Loaded []byte
 	// Interval between checks. Default 5s.
 	Interval time.Duration
 	// OnReload, if set, is called after each attempt with its outcome.
@@ -65,7 +70,10 @@ func (w *PolicyWatcher) Run(ctx context.Context) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	last, _ := os.ReadFile(w.Path) // the caller loaded this version at start
+	last := w.Loaded
+	if last == nil {
+		last, _ = os.ReadFile(w.Path)
+	}
 	t := time.NewTicker(w.Interval)
 	defer t.Stop()
 	for {
