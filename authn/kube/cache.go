@@ -5,11 +5,11 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/meshca/meshca/authn"
 )
@@ -32,9 +32,14 @@ const (
 	defaultCacheMaxEntries = 100_000
 	// verifyTimeout bounds one shared verification (a JWKS fetch or a
 	// TokenReview). It runs detached from the first caller's context so that
-	// the caller giving up does not fail the others waiting on it.
+	// that caller giving up does not fail the others waiting on it; it stops
+	// early once no caller waits for it any more.
 	verifyTimeout = 30 * time.Second
 )
+
+// errVerifyTimeout is the cause of a shared verification's context when it
+// ran for verifyTimeout.
+var errVerifyTimeout = fmt.Errorf("verification took longer than %s", verifyTimeout)
 
 func (c CacheConfig) withDefaults() CacheConfig {
 	if c.MaxTTL == 0 {
@@ -62,10 +67,19 @@ type cache struct {
 	hits       prometheus.Counter
 	misses     prometheus.Counter
 
-	group singleflight.Group
-
-	mu      sync.Mutex
+	mu      sync.Mutex // guards entries, flights and flight.waiters
 	entries map[tokenHash]cacheEntry
+	flights map[tokenHash]*flight // verifications under way
+}
+
+// flight is one shared verification of a token.
+type flight struct {
+	done   chan struct{} // closed when caller and err are set
+	caller *authn.Caller
+	err    error
+
+	cancel  context.CancelCauseFunc
+	waiters int // callers waiting for done; guarded by cache.mu
 }
 
 func newCache(cfg CacheConfig, now func() time.Time, m *cacheMetrics, authenticator string) *cache {
@@ -77,45 +91,122 @@ func newCache(cfg CacheConfig, now func() time.Time, m *cacheMetrics, authentica
 		hits:       m.requests.WithLabelValues(authenticator, "hit"),
 		misses:     m.requests.WithLabelValues(authenticator, "miss"),
 		entries:    make(map[tokenHash]cacheEntry),
+		flights:    make(map[tokenHash]*flight),
 	}
 }
 
 func (c *cache) enabled() bool { return c.maxTTL > 0 && c.maxEntries > 0 }
 
 // get returns the Caller for token, from the cache or by calling verify.
-// Concurrent calls for one token share a single verify, which runs with a
-// context detached from ctx's cancellation (but not its values) and bounded
-// by verifyTimeout; each caller still returns as soon as its own ctx is done.
-// The returned Caller is the caller's to modify.
+// Concurrent calls for one token share a single verify. It runs with a
+// context detached from the first caller's (keeping its values), bounded by
+// verifyTimeout, and cancelled as soon as no caller waits for it any more.
+// Each caller returns as soon as its own ctx is done, with an error wrapping
+// ctx.Err(). The returned Caller is the caller's to modify.
 func (c *cache) get(ctx context.Context, token string, verify func(context.Context) (*authn.Caller, error)) (*authn.Caller, error) {
 	key := tokenHash(sha256.Sum256([]byte(token)))
-	if caller, ok := c.lookup(key); ok {
+	now := c.now()
+	// The lookup and the join are one critical section, and a verification
+	// stores its result and leaves flights in another: so a caller either
+	// finds the result or joins the verification, never misses both and
+	// starts a second one.
+	c.mu.Lock()
+	if caller, ok := c.lookupLocked(key, now); ok {
+		c.mu.Unlock()
 		c.hits.Inc()
 		return caller, nil
 	}
+	if err := ctx.Err(); err != nil {
+		c.mu.Unlock()
+		c.misses.Inc()
+		return nil, fmt.Errorf("wait for token verification: %w", err)
+	}
+	f := c.joinLocked(ctx, key, verify)
+	c.mu.Unlock()
 	c.misses.Inc()
 
-	ch := c.group.DoChan(string(key[:]), func() (any, error) {
-		vctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), verifyTimeout)
-		defer cancel()
-		caller, err := verify(vctx)
-		if err != nil {
-			return nil, err
-		}
-		c.store(key, caller)
-		return caller, nil
-	})
 	select {
-	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: %w", authn.ErrUnavailable, context.Cause(ctx))
-	case res := <-ch:
-		if res.Err != nil {
-			return nil, res.Err
+	case <-f.done:
+		if f.err != nil {
+			return nil, f.err
 		}
-		caller := *res.Val.(*authn.Caller)
+		caller := *f.caller
 		return &caller, nil
+	case <-ctx.Done():
+		c.leave(key, f)
+		// A context error, not ErrUnavailable: the caller gave up, the
+		// authority did not fail.
+		return nil, fmt.Errorf("wait for token verification: %w", ctx.Err())
 	}
 }
+
+// joinLocked adds the caller to the verification of key under way, starting
+// one if there is none. c.mu must be held.
+func (c *cache) joinLocked(ctx context.Context, key tokenHash, verify func(context.Context) (*authn.Caller, error)) *flight {
+	f, ok := c.flights[key]
+	if !ok {
+		vctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+		vctx, stop := context.WithTimeoutCause(vctx, verifyTimeout, errVerifyTimeout)
+		f = &flight{done: make(chan struct{}), cancel: cancel}
+		c.flights[key] = f
+		go func() {
+			defer cancel(nil)
+			defer stop()
+			caller, err := verify(vctx)
+			if err != nil {
+				err = hideContextErrors(err)
+			}
+			now := c.now()
+			c.mu.Lock()
+			if err == nil {
+				c.storeLocked(key, caller, now)
+			}
+			if c.flights[key] == f {
+				delete(c.flights, key)
+			}
+			c.mu.Unlock()
+			f.caller, f.err = caller, err
+			close(f.done)
+		}()
+	}
+	f.waiters++
+	return f
+}
+
+// leave removes a caller that stopped waiting from f, and cancels f once
+// nobody waits for it: its result would be of no use to anyone. A later
+// caller of the same token starts afresh.
+func (c *cache) leave(key tokenHash, f *flight) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f.waiters--
+	if f.waiters > 0 {
+		return
+	}
+	if c.flights[key] == f {
+		delete(c.flights, key)
+	}
+	f.cancel(errAbandoned)
+}
+
+// hideContextErrors turns an error of a shared verification that wraps a
+// context error into a plain ErrUnavailable with the same text. A shared
+// verification never runs with a caller's context, so such an error is the
+// verification's own (it hit verifyTimeout, or a fetch it shared timed
+// out): left wrapped, it would read as the caller's deadline or cancellation
+// rather than as the outage it is. Authentication failures (*authn.Error)
+// never wrap a context error, so none is lost here.
+func hideContextErrors(err error) error {
+	if !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	msg := strings.TrimPrefix(err.Error(), authn.ErrUnavailable.Error()+": ")
+	return fmt.Errorf("%w: %s", authn.ErrUnavailable, msg)
+}
+
+// errAbandoned is the cause of a shared verification's context when every
+// caller waiting for it gave up.
+var errAbandoned = errors.New("every caller waiting for the verification gave up")
 
 // forget drops the entry for token, if any.
 func (c *cache) forget(token string) {
@@ -125,13 +216,11 @@ func (c *cache) forget(token string) {
 	c.mu.Unlock()
 }
 
-func (c *cache) lookup(key tokenHash) (*authn.Caller, bool) {
+// lookupLocked returns a copy of the cached Caller of key. c.mu must be held.
+func (c *cache) lookupLocked(key tokenHash, now time.Time) (*authn.Caller, bool) {
 	if !c.enabled() {
 		return nil, false
 	}
-	now := c.now()
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	e, ok := c.entries[key]
 	if !ok {
 		return nil, false
@@ -146,11 +235,11 @@ func (c *cache) lookup(key tokenHash) (*authn.Caller, bool) {
 	return &caller, true
 }
 
-func (c *cache) store(key tokenHash, caller *authn.Caller) {
+// storeLocked caches caller under key. c.mu must be held.
+func (c *cache) storeLocked(key tokenHash, caller *authn.Caller, now time.Time) {
 	if !c.enabled() {
 		return
 	}
-	now := c.now()
 	expires := now.Add(c.maxTTL)
 	if !caller.ExpiresAt.IsZero() && caller.ExpiresAt.Before(expires) {
 		expires = caller.ExpiresAt
@@ -158,8 +247,6 @@ func (c *cache) store(key tokenHash, caller *authn.Caller) {
 	if !now.Before(expires) {
 		return
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	if _, ok := c.entries[key]; !ok && len(c.entries) >= c.maxEntries {
 		c.evictLocked(now)
 	}

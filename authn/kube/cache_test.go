@@ -2,11 +2,12 @@ package kube
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -127,61 +128,197 @@ func TestCacheEviction(t *testing.T) {
 	}
 }
 
+// TestCacheCollapsesConcurrentLookups runs in a synctest bubble so that
+// every lookup has joined the shared verification before it is released:
+// synctest.Wait returns only once all 50 goroutines are blocked on it.
 func TestCacheCollapsesConcurrentLookups(t *testing.T) {
-	clk := newClock()
-	c := newTestCache(t, CacheConfig{}, clk)
-	var calls atomic.Int32
-	release := make(chan struct{})
-	verify := func(context.Context) (*authn.Caller, error) {
-		calls.Add(1)
-		<-release
-		return callerUntil(clk.Now().Add(time.Hour)), nil
-	}
-	var wg sync.WaitGroup
-	var started sync.WaitGroup
-	for range 50 {
-		started.Add(1)
-		wg.Go(func() {
-			started.Done()
-			_, err := c.get(t.Context(), "tok", verify)
+	synctest.Test(t, func(t *testing.T) {
+		clk := newClock()
+		c := newTestCache(t, CacheConfig{}, clk)
+		var calls atomic.Int32
+		release := make(chan struct{})
+		verify := func(ctx context.Context) (*authn.Caller, error) {
+			calls.Add(1)
+			select {
+			case <-release:
+			case <-ctx.Done(): // the test failed and its context ended
+				return nil, ctx.Err()
+			}
+			return callerUntil(clk.Now().Add(time.Hour)), nil
+		}
+		var wg sync.WaitGroup
+		errs := make([]error, 50)
+		for i := range errs {
+			wg.Go(func() {
+				_, errs[i] = c.get(t.Context(), "tok", verify)
+			})
+		}
+		synctest.Wait()
+		require.Equal(t, 50.0, testutil.ToFloat64(c.misses))
+		close(release)
+		wg.Wait()
+		for _, err := range errs {
 			require.NoError(t, err)
-		})
-	}
-	started.Wait()
-	// Let the goroutines reach the shared call before it finishes.
-	require.Eventually(t, func() bool { return testutil.ToFloat64(c.misses) == 50 }, 5*time.Second, time.Millisecond)
-	close(release)
-	wg.Wait()
-	require.Equal(t, int32(1), calls.Load())
+		}
+		require.Equal(t, int32(1), calls.Load())
+	})
 }
 
+// TestCacheCallerGivesUp: a caller whose context ends gets its context's
+// error, not ErrUnavailable; the shared verification goes on for the
+// callers still waiting.
 func TestCacheCallerGivesUp(t *testing.T) {
-	clk := newClock()
-	c := newTestCache(t, CacheConfig{}, clk)
-	release := make(chan struct{})
-	verified := make(chan struct{})
-	verify := func(ctx context.Context) (*authn.Caller, error) {
-		<-release
-		// The shared call outlives the first caller's context.
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		close(verified)
-		return callerUntil(clk.Now().Add(time.Hour)), nil
+	tests := []struct {
+		name    string
+		ctx     func(context.Context) (context.Context, context.CancelFunc)
+		giveUp  func(cancel context.CancelFunc)
+		wantErr error
+	}{
+		{name: "cancelled", ctx: context.WithCancel, giveUp: func(cancel context.CancelFunc) { cancel() }, wantErr: context.Canceled},
+		{
+			name: "deadline",
+			ctx: func(ctx context.Context) (context.Context, context.CancelFunc) {
+				return context.WithTimeout(ctx, time.Second)
+			},
+			giveUp:  func(context.CancelFunc) { time.Sleep(time.Second) },
+			wantErr: context.DeadlineExceeded,
+		},
 	}
-	ctx, cancel := context.WithCancel(t.Context())
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.get(ctx, "tok", verify)
-		errc <- err
-	}()
-	require.Eventually(t, func() bool { return testutil.ToFloat64(c.misses) == 1 }, 5*time.Second, time.Millisecond)
-	cancel()
-	err := <-errc
-	require.ErrorIs(t, err, authn.ErrUnavailable)
-	require.True(t, errors.Is(err, context.Canceled))
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				clk := newClock()
+				c := newTestCache(t, CacheConfig{}, clk)
+				release := make(chan struct{})
+				verify := func(ctx context.Context) (*authn.Caller, error) {
+					select {
+					case <-release:
+					case <-ctx.Done():
+						return nil, context.Cause(ctx)
+					}
+					return callerUntil(clk.Now().Add(time.Hour)), nil
+				}
+				ctx, cancel := tt.ctx(t.Context())
+				defer cancel()
+				quitter := make(chan error, 1)
+				go func() {
+					_, err := c.get(ctx, "tok", verify)
+					quitter <- err
+				}()
+				stayer := make(chan error, 1)
+				go func() {
+					_, err := c.get(t.Context(), "tok", verify)
+					stayer <- err
+				}()
+				synctest.Wait()
+				tt.giveUp(cancel)
 
-	close(release)
-	<-verified
-	require.Eventually(t, func() bool { return c.len() == 1 }, 5*time.Second, time.Millisecond)
+				err := <-quitter
+				require.ErrorIs(t, err, tt.wantErr)
+				require.NotErrorIs(t, err, authn.ErrUnavailable)
+				require.NotErrorIs(t, err, authn.ErrUnauthenticated)
+
+				synctest.Wait()
+				require.Empty(t, stayer, "the other caller still waits")
+				close(release)
+				require.NoError(t, <-stayer)
+				require.Equal(t, 1, c.len())
+			})
+		})
+	}
+}
+
+// TestCacheAbandonedVerificationStops: once every caller waiting for a
+// shared verification has given up, the verification's context is
+// cancelled at once (not after verifyTimeout), and the next caller starts
+// a fresh one.
+func TestCacheAbandonedVerificationStops(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := newTestCache(t, CacheConfig{}, newClock())
+		type stopped struct {
+			after time.Duration
+			cause error
+		}
+		var calls atomic.Int32
+		stops := make(chan stopped, 2)
+		blockUntilCancelled := func(ctx context.Context) (*authn.Caller, error) {
+			calls.Add(1)
+			start := time.Now()
+			<-ctx.Done()
+			stops <- stopped{after: time.Since(start), cause: context.Cause(ctx)}
+			return nil, ctx.Err()
+		}
+
+		const callers = 3
+		cancels := make([]context.CancelFunc, callers)
+		errs := make(chan error, callers)
+		for i := range cancels {
+			ctx, cancel := context.WithCancel(t.Context())
+			cancels[i] = cancel
+			go func() {
+				_, err := c.get(ctx, "tok", blockUntilCancelled)
+				errs <- err
+			}()
+		}
+		synctest.Wait()
+		require.Equal(t, int32(1), calls.Load())
+
+		// While one caller still waits, the verification goes on.
+		for _, cancel := range cancels[:callers-1] {
+			cancel()
+			require.ErrorIs(t, <-errs, context.Canceled)
+		}
+		synctest.Wait()
+		require.Empty(t, stops)
+
+		// The last one leaves: the verification sees it with no time passed.
+		cancels[callers-1]()
+		require.ErrorIs(t, <-errs, context.Canceled)
+		synctest.Wait()
+		require.Len(t, stops, 1)
+		s := <-stops
+		require.Zero(t, s.after)
+		require.ErrorIs(t, s.cause, errAbandoned)
+
+		// A new caller does not join the abandoned verification.
+		_, err := c.get(t.Context(), "tok", func(context.Context) (*authn.Caller, error) {
+			calls.Add(1)
+			return callerUntil(time.Now().Add(time.Hour)), nil
+		})
+		require.NoError(t, err)
+		require.Equal(t, int32(2), calls.Load())
+	})
+}
+
+// TestCacheVerifyTimeout: a verification nobody gives up on still ends
+// after verifyTimeout, and the callers get ErrUnavailable without the
+// context error it wrapped: their own contexts did not end.
+func TestCacheVerifyTimeout(t *testing.T) {
+	tests := []struct {
+		name string
+		fail func(ctx context.Context) error // the verification's error once ctx is done
+	}{
+		{name: "wrapped in ErrUnavailable", fail: func(ctx context.Context) error { return fmt.Errorf("%w: fetch: %w", authn.ErrUnavailable, ctx.Err()) }},
+		{name: "bare", fail: func(ctx context.Context) error { return ctx.Err() }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				c := newTestCache(t, CacheConfig{}, newClock())
+				start := time.Now()
+				var cause error
+				_, err := c.get(t.Context(), "tok", func(ctx context.Context) (*authn.Caller, error) {
+					<-ctx.Done()
+					cause = context.Cause(ctx)
+					return nil, tt.fail(ctx)
+				})
+				require.Equal(t, verifyTimeout, time.Since(start))
+				require.ErrorIs(t, cause, errVerifyTimeout)
+				require.ErrorIs(t, err, authn.ErrUnavailable)
+				require.NotErrorIs(t, err, context.DeadlineExceeded)
+				require.NotErrorIs(t, err, authn.ErrUnauthenticated)
+				require.Equal(t, 1, strings.Count(err.Error(), authn.ErrUnavailable.Error()))
+			})
+		})
+	}
 }

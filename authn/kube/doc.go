@@ -8,11 +8,17 @@
 //   - TokenReview asks the kube-apiserver (TokenReview API) for every token
 //     it has not seen. It is slower, but the apiserver also checks that the
 //     service account, and the pod or secret a token is bound to, still exist.
+//     A token that the apiserver would refuse anyway (not a JWT, expired, for
+//     another audience or issuer) is refused from its unverified claims with
+//     no round trip, and at most TokenReviewConfig.MaxInFlight reviews are
+//     under way at once.
 //
 // Both put successful answers in a cache keyed by the SHA-256 of the token
 // (the token itself is never stored, logged or put in an error). An entry
 // never outlives the token's exp nor CacheConfig.MaxTTL. Concurrent lookups
-// of one token share one verification.
+// of one token share one verification, which stops once no caller waits for
+// it any more. A caller whose context ends gets an error wrapping its
+// context's error, not authn.ErrUnavailable.
 //
 // A ServiceAccountLookup, such as the informer-backed ServiceAccountIndex,
 // lets either authenticator refuse the token of a service account that was

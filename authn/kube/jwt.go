@@ -7,7 +7,10 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
+	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,7 +41,10 @@ type JWTConfig struct {
 	// JWKSURL may be set; if neither is, the JWKS is read from the
 	// kube-apiserver's /openid/v1/jwks with Kube's credentials.
 	JWKSFile string
-	// JWKSURL is an http(s) URL serving the issuer's JSON Web Key Set.
+	// JWKSURL is an https URL serving the issuer's JSON Web Key Set,
+	// verified with the system's roots. http is accepted only for a loopback
+	// host (localhost, 127.0.0.0/8, ::1), for tests and development.
+	// Redirects are followed only to URLs that obey the same rule.
 	JWKSURL string
 	// Kube reaches the kube-apiserver, for the issuer and the JWKS when they
 	// are not configured otherwise. Optional.
@@ -107,6 +113,15 @@ func NewJWT(cfg JWTConfig) (*JWT, error) {
 	if cfg.JWKSFile != "" && cfg.JWKSURL != "" {
 		return nil, errors.New("new jwt authenticator: set at most one of JWKSFile and JWKSURL")
 	}
+	if cfg.JWKSURL != "" {
+		u, err := url.Parse(cfg.JWKSURL)
+		if err != nil {
+			return nil, fmt.Errorf("new jwt authenticator: JWKSURL: %w", err)
+		}
+		if err := checkJWKSURL(u); err != nil {
+			return nil, fmt.Errorf("new jwt authenticator: JWKSURL: %w", err)
+		}
+	}
 	if cfg.Kube == nil && cfg.JWKSFile == "" && cfg.JWKSURL == "" {
 		return nil, errors.New("new jwt authenticator: one of JWKSFile, JWKSURL or Kube is required")
 	}
@@ -144,7 +159,7 @@ func NewJWT(cfg JWTConfig) (*JWT, error) {
 	case cfg.JWKSFile != "":
 		f = &fileFetcher{path: cfg.JWKSFile, kube: kube}
 	case cfg.JWKSURL != "":
-		f = &urlFetcher{url: cfg.JWKSURL, client: &http.Client{Timeout: fetchTimeout}, kube: kube}
+		f = &urlFetcher{url: cfg.JWKSURL, client: &http.Client{Timeout: fetchTimeout, CheckRedirect: checkJWKSRedirect}, kube: kube}
 	default:
 		f = kube
 	}
@@ -178,6 +193,48 @@ func NewJWT(cfg JWTConfig) (*JWT, error) {
 		j.issuer.Store(&iss)
 	}
 	return j, nil
+}
+
+// checkJWKSURL refuses a JWKS URL whose keys could be swapped in transit:
+// anything but https, except http to a loopback host.
+func checkJWKSURL(u *url.URL) error {
+	if u.Hostname() == "" {
+		return fmt.Errorf("%q has no host", u.Redacted())
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if isLoopback(u.Hostname()) {
+			return nil
+		}
+		return fmt.Errorf("%q: must be https (http only for a loopback host: localhost, 127.0.0.0/8, ::1)", u.Redacted())
+	default:
+		return fmt.Errorf("%q: scheme must be https", u.Redacted())
+	}
+}
+
+// isLoopback reports whether host (without port or brackets) is localhost
+// or a loopback IP address. Other names are not resolved: what they resolve
+// to may change.
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	addr, err := netip.ParseAddr(host)
+	return err == nil && addr.Unmap().IsLoopback()
+}
+
+// checkJWKSRedirect holds the JWKS fetch's redirects to checkJWKSURL, so that
+// an https URL cannot hand the fetch over to plain http.
+func checkJWKSRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) >= 10 {
+		return errors.New("stopped after 10 redirects")
+	}
+	if err := checkJWKSURL(req.URL); err != nil {
+		return fmt.Errorf("refuse redirect: %w", err)
+	}
+	return nil
 }
 
 // Issuer returns the iss that tokens must carry: JWTConfig.Issuer, or the
@@ -307,11 +364,14 @@ func (j *JWT) keysFor(ctx context.Context, kid string) ([]verifyKey, error) {
 }
 
 // refresh fetches the issuer (if unknown) and the JWKS, unless a fetch was
-// attempted less than RefetchInterval ago. Concurrent calls share one fetch.
-// It returns the current key set (nil if none was ever fetched) and the
-// error of the last attempt.
+// attempted less than RefetchInterval ago. Concurrent calls share one fetch,
+// which serves the verifications of many tokens: so it runs detached from
+// the cancellation of the ctx that started it (bounded by verifyTimeout),
+// and each caller stops waiting for it when its own ctx is done. It returns
+// the current key set (nil if none was ever fetched) and the error of the
+// last attempt, or ctx's error.
 func (j *JWT) refresh(ctx context.Context) (*keySet, error) {
-	_, err, _ := j.group.Do("refresh", func() (any, error) {
+	ch := j.group.DoChan("refresh", func() (any, error) {
 		j.mu.Lock()
 		now := j.now()
 		if !j.lastAttempt.IsZero() && now.Sub(j.lastAttempt) < j.refetch {
@@ -322,13 +382,20 @@ func (j *JWT) refresh(ctx context.Context) (*keySet, error) {
 		j.lastAttempt = now
 		j.mu.Unlock()
 
-		err := j.fetch(ctx, now)
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), verifyTimeout)
+		defer cancel()
+		err := j.fetch(fctx, now)
 		j.mu.Lock()
 		j.lastErr = err
 		j.mu.Unlock()
 		return nil, err
 	})
-	return j.keys.Load(), err
+	select {
+	case res := <-ch:
+		return j.keys.Load(), res.Err
+	case <-ctx.Done():
+		return j.keys.Load(), fmt.Errorf("wait for the JWKS fetch: %w", ctx.Err())
+	}
 }
 
 func (j *JWT) fetch(ctx context.Context, now time.Time) error {

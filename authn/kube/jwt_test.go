@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -386,10 +387,21 @@ func TestNewJWTConfig(t *testing.T) {
 	}{
 		{name: "no trust domain", cfg: JWTConfig{Issuer: "x", JWKSFile: "f"}, wantErr: "TrustDomain is required"},
 		{name: "no key source", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x"}, wantErr: "one of JWKSFile, JWKSURL or Kube is required"},
-		{name: "two key sources", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSFile: "f", JWKSURL: "u"}, wantErr: "at most one of JWKSFile and JWKSURL"},
+		{name: "two key sources", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSFile: "f", JWKSURL: "https://jwks.test"}, wantErr: "at most one of JWKSFile and JWKSURL"},
 		{name: "no issuer without kube", cfg: JWTConfig{TrustDomain: testTD, JWKSFile: "f"}, wantErr: "Issuer is required without Kube"},
 		{name: "negative skew", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSFile: "f", Skew: -1}, wantErr: "must not be negative"},
 		{name: "ok", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSFile: "f"}},
+		{name: "JWKSURL https", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "https://issuer.example.com/openid/v1/jwks"}},
+		{name: "JWKSURL http to localhost", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "http://localhost:8080/jwks"}},
+		{name: "JWKSURL http to 127.0.0.0/8", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "http://127.1.2.3:8080/jwks"}},
+		{name: "JWKSURL http to ::1", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "http://[::1]:8080/jwks"}},
+		{name: "JWKSURL http to a remote host", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "http://issuer.example.com/jwks"}, wantErr: "must be https"},
+		{name: "JWKSURL http to a remote IP", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "http://10.0.0.1/jwks"}, wantErr: "must be https"},
+		{name: "JWKSURL http to a name under localhost", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "http://localhost.example.com/jwks"}, wantErr: "must be https"},
+		{name: "JWKSURL http to a name that looks loopback", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "http://127.0.0.1.nip.io/jwks"}, wantErr: "must be https"},
+		{name: "JWKSURL other scheme", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "file:///etc/jwks.json"}, wantErr: "JWKSURL"},
+		{name: "JWKSURL without scheme", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "issuer.example.com/jwks"}, wantErr: "JWKSURL"},
+		{name: "JWKSURL unparsable", cfg: JWTConfig{TrustDomain: testTD, Issuer: "x", JWKSURL: "https://[::1"}, wantErr: "JWKSURL"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -405,6 +417,82 @@ func TestNewJWTConfig(t *testing.T) {
 			require.Equal(t, 10*time.Second, j.refetch)
 		})
 	}
+}
+
+// TestJWTCallerGivesUpDuringFetch: one JWKS fetch serves every token
+// waiting for keys, so the caller whose verification started it giving up
+// must not cancel it, nor leave behind a failure that the rate limit would
+// serve to the others.
+func TestJWTCallerGivesUpDuringFetch(t *testing.T) {
+	ti := newTestIssuer(t, testIss)
+	kid := ti.addKey("k", jose.ES256)
+	requested := make(chan struct{}, 1)
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case requested <- struct{}{}:
+		default:
+		}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		http.ServeFile(w, r, ti.path)
+	}))
+	t.Cleanup(srv.Close)
+	releaseFetch := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseFetch) // runs before srv.Close, which waits for the handlers
+	j, err := NewJWT(JWTConfig{TrustDomain: testTD, Issuer: testIss, JWKSURL: srv.URL})
+	require.NoError(t, err)
+	mint := func(sa string) authn.Credentials {
+		return authn.Credentials{Token: ti.sign(kid, saClaims(testIss, "ns1", sa, []string{"istio-ca"}, time.Now(), time.Hour))}
+	}
+
+	ctx, cancel := context.WithCancel(t.Context())
+	first := make(chan error, 1)
+	go func() {
+		_, err := j.Authenticate(ctx, mint("a"))
+		first <- err
+	}()
+	<-requested
+	second := make(chan error, 1)
+	go func() {
+		_, err := j.Authenticate(t.Context(), mint("b"))
+		second <- err
+	}()
+	cancel()
+	err = <-first
+	require.ErrorIs(t, err, context.Canceled)
+	require.NotErrorIs(t, err, authn.ErrUnavailable)
+	releaseFetch()
+	require.NoError(t, <-second)
+}
+
+// TestJWTRefusesRedirectToHTTP: an https JWKSURL cannot hand the fetch over
+// to plain http. The transport is replaced (the real one would need a
+// certificate the system trusts), so the test sees what would be sent.
+func TestJWTRefusesRedirectToHTTP(t *testing.T) {
+	ti := newTestIssuer(t, testIss)
+	kid := ti.addKey("k", jose.ES256)
+	token := ti.sign(kid, saClaims(testIss, "ns1", "sa1", []string{"istio-ca"}, time.Now(), time.Hour))
+	j, err := NewJWT(JWTConfig{TrustDomain: testTD, Issuer: testIss, JWKSURL: "https://jwks.test/keys"})
+	require.NoError(t, err)
+	var mu sync.Mutex
+	var requested []string
+	j.fetcher.(*urlFetcher).client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		mu.Lock()
+		requested = append(requested, r.URL.String())
+		mu.Unlock()
+		rec := httptest.NewRecorder()
+		http.Redirect(rec, r, "http://jwks.test/keys", http.StatusFound)
+		return rec.Result(), nil
+	})
+	_, err = j.Authenticate(t.Context(), authn.Credentials{Token: token})
+	require.ErrorIs(t, err, authn.ErrUnavailable)
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, []string{"https://jwks.test/keys"}, requested, "the http URL is never requested")
 }
 
 func TestSharedRegisterer(t *testing.T) {

@@ -156,7 +156,7 @@ type kubeCase struct {
 	name string
 	// token mints the token; it may create, delete and wait for objects.
 	token func(t *testing.T, f *kubeFixture) string
-	// later moves the JWT authenticator's clock forward.
+	// later moves the authenticators' clocks forward.
 	later time.Duration
 	// audiences, if set, replaces the authenticators' Audiences.
 	audiences   []string
@@ -216,9 +216,10 @@ func kubeCases() []kubeCase {
 			},
 			later: 2 * time.Hour,
 			jwt:   outcome{reason: authn.ReasonExpired},
-			// The apiserver's clock cannot be moved and TokenRequest's
-			// minimum lifetime is 10 minutes: see TestExplainRejectionRealToken.
-			review: outcome{skip: "cannot expire a real token within the test"},
+			// Refused by TokenReview's local pre-check, before any
+			// review: the apiserver's clock cannot be moved, and
+			// TokenRequest's minimum lifetime is 10 minutes.
+			review: outcome{reason: authn.ReasonExpired},
 		},
 		{
 			name: "signed by another issuer",
@@ -244,7 +245,7 @@ func kubeCases() []kubeCase {
 			name:   "malformed",
 			token:  func(*testing.T, *kubeFixture) string { return "not.a-jwt" },
 			jwt:    outcome{reason: authn.ReasonMalformed},
-			review: outcome{reason: authn.ReasonRejected},
+			review: outcome{reason: authn.ReasonMalformed},
 		},
 		{
 			name:   "no token",
@@ -253,16 +254,18 @@ func kubeCases() []kubeCase {
 			review: outcome{err: authn.ErrNoCredentials},
 		},
 		{
-			// The apiserver refuses its audience-agnostic static tokens
-			// for an audience that is not one of its --api-audiences, so
-			// the review asks for that one too.
+			// The apiserver accepts its audience-agnostic static tokens
+			// for its own --api-audiences, so the authenticators ask for
+			// that one too. Not a JWT: TokenReview refuses it without a
+			// review (TestKubeTokenReviewPrecheck checks that the
+			// apiserver would call it no service account).
 			name: "admin static token",
 			token: func(_ *testing.T, f *kubeFixture) string {
 				return f.env.Config.BearerToken
 			},
 			audiences: []string{"istio-ca", kubeenv.Issuer},
 			jwt:       outcome{reason: authn.ReasonMalformed},
-			review:    outcome{reason: authn.ReasonNotServiceAccount},
+			review:    outcome{reason: authn.ReasonMalformed},
 		},
 		{
 			name: "service account deleted after the token was minted",
@@ -501,6 +504,196 @@ meshca_authn_cache_requests_total{authenticator=%q,result="miss"} 1
 			})
 		})
 	}
+}
+
+// TestKubeTokenReviewPrecheck: TokenReview refuses a token that the
+// apiserver would refuse anyway with the reason it would give, and with no
+// TokenReview on the wire; a token that passes the pre-check still goes to
+// the apiserver, which decides.
+func TestKubeTokenReviewPrecheck(t *testing.T) {
+	env := kubeEnv(t)
+	var reviews atomic.Int32
+	client, err := kubernetes.NewForConfig(meshcaConfig(t, env, &reviews))
+	require.NoError(t, err)
+	ns := uniqueName("authn-precheck")
+	env.CreateServiceAccount(t, ns, "workload")
+	valid := env.Token(t, ns, "workload", istioCA, time.Hour, nil)
+	other := newTestIssuer(t, "https://other-cluster.test")
+	otherKID := other.addKey("other", jose.ES256)
+	forger := newTestIssuer(t, env.Issuer)
+	forgedKID := forger.addKey("forged", jose.ES256)
+
+	tests := []struct {
+		name     string
+		token    string
+		later    time.Duration // moves the authenticator's clock forward
+		noIssuer bool          // leave TokenReviewConfig.Issuer unset
+		reason   string        // "" for success
+		reviewed bool          // whether a TokenReview is sent
+	}{
+		{name: "not a JWT", token: "not.a-jwt", reason: authn.ReasonMalformed},
+		{name: "opaque static token", token: env.Config.BearerToken, reason: authn.ReasonMalformed},
+		{name: "expired beyond skew", token: valid, later: time.Hour + time.Minute, reason: authn.ReasonExpired},
+		{name: "wrong audience", token: env.Token(t, ns, "workload", []string{"vault"}, time.Hour, nil), reason: authn.ReasonWrongAudience},
+		{name: "the apiserver's default audience", token: env.Token(t, ns, "workload", nil, time.Hour, nil), reason: authn.ReasonWrongAudience},
+		{
+			name:   "another issuer",
+			token:  other.sign(otherKID, saClaims(other.iss, ns, "workload", istioCA, time.Now(), time.Hour)),
+			reason: authn.ReasonUnknownIssuer,
+		},
+		{
+			name:     "another issuer, Issuer unset: the apiserver decides",
+			token:    other.sign(otherKID, saClaims(other.iss, ns, "workload", istioCA, time.Now(), time.Hour)),
+			noIssuer: true,
+			reason:   authn.ReasonRejected,
+			reviewed: true,
+		},
+		{
+			name:     "forged with this cluster's issuer: the apiserver decides",
+			token:    forger.sign(forgedKID, saClaims(forger.iss, ns, "workload", istioCA, time.Now(), time.Hour)),
+			reason:   authn.ReasonRejected,
+			reviewed: true,
+		},
+		{name: "expired within skew: the apiserver decides", token: valid, later: time.Hour + 10*time.Second, reviewed: true},
+		{name: "valid", token: valid, reviewed: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clk := newClock()
+			clk.Advance(tt.later)
+			cfg := TokenReviewConfig{Client: client, TrustDomain: testTD, Issuer: env.Issuer, Now: clk.Now}
+			if tt.noIssuer {
+				cfg.Issuer = ""
+			}
+			r, err := NewTokenReview(cfg)
+			require.NoError(t, err)
+			before := reviews.Load()
+			_, err = r.Authenticate(t.Context(), authn.Credentials{Token: tt.token})
+			if tt.reason == "" {
+				require.NoError(t, err)
+			} else {
+				requireReason(t, err, tt.reason)
+				require.NotContains(t, err.Error(), tt.token)
+			}
+			want := before
+			if tt.reviewed {
+				want++
+			}
+			require.Equal(t, want, reviews.Load(), "TokenReviews sent")
+		})
+	}
+
+	// The pre-check is only an early refusal: what it refuses, the
+	// apiserver refuses too, here with the reason the review path gives.
+	t.Run("the apiserver refuses the static token too", func(t *testing.T) {
+		r, err := NewTokenReview(TokenReviewConfig{Client: client, TrustDomain: testTD, Audiences: []string{"istio-ca", kubeenv.Issuer}})
+		require.NoError(t, err)
+		_, err = r.review(t.Context(), env.Config.BearerToken)
+		requireReason(t, err, authn.ReasonNotServiceAccount)
+	})
+}
+
+// reviewGate holds the TokenReviews a client sends in its transport until
+// opened, counting them.
+type reviewGate struct {
+	open   func() // opens the gate; idempotent
+	opened chan struct{}
+
+	mu                        sync.Mutex
+	sent, inFlight, maxFlight int
+}
+
+func newReviewGate(t *testing.T) *reviewGate {
+	t.Helper()
+	opened := make(chan struct{})
+	g := &reviewGate{opened: opened, open: sync.OnceFunc(func() { close(opened) })}
+	t.Cleanup(g.open)
+	return g
+}
+
+func (g *reviewGate) wrap(rt http.RoundTripper) http.RoundTripper {
+	return roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/tokenreviews") {
+			return rt.RoundTrip(r)
+		}
+		g.mu.Lock()
+		g.sent++
+		g.inFlight++
+		g.maxFlight = max(g.maxFlight, g.inFlight)
+		g.mu.Unlock()
+		defer func() {
+			g.mu.Lock()
+			g.inFlight--
+			g.mu.Unlock()
+		}()
+		select {
+		case <-g.opened:
+			return rt.RoundTrip(r)
+		case <-r.Context().Done():
+			return nil, r.Context().Err()
+		}
+	})
+}
+
+func (g *reviewGate) counts() (sent, inFlight, maxFlight int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.sent, g.inFlight, g.maxFlight
+}
+
+// TestKubeTokenReviewMaxInFlight holds TokenReviews on the wire to check
+// that no more than MaxInFlight are under way at once, and that a caller
+// waiting for a slot may give up: it gets its own context's error (not
+// ErrUnavailable), and its review is never sent.
+func TestKubeTokenReviewMaxInFlight(t *testing.T) {
+	env := kubeEnv(t)
+	cfg := meshcaConfig(t, env, nil)
+	gate := newReviewGate(t)
+	cfg.Wrap(gate.wrap)
+	client, err := kubernetes.NewForConfig(cfg)
+	require.NoError(t, err)
+	r, err := NewTokenReview(TokenReviewConfig{Client: client, TrustDomain: testTD, Issuer: env.Issuer, MaxInFlight: 2})
+	require.NoError(t, err)
+	ns := uniqueName("authn-inflight")
+	env.CreateServiceAccount(t, ns, "workload")
+	// Distinct tokens, so that they do not share one verification.
+	tokens := make([]string, 5)
+	for i := range tokens {
+		tokens[i] = env.Token(t, ns, "workload", istioCA, time.Hour, nil)
+	}
+
+	var wg sync.WaitGroup
+	errs := make([]error, 4)
+	for i := range errs {
+		wg.Go(func() {
+			_, errs[i] = r.Authenticate(t.Context(), authn.Credentials{Token: tokens[i]})
+		})
+	}
+	inFlight := func() int { _, n, _ := gate.counts(); return n }
+	require.Eventually(t, func() bool { return inFlight() >= 2 }, 10*time.Second, time.Millisecond)
+	require.Equal(t, 2, inFlight(), "MaxInFlight")
+
+	// A fifth caller waits for a slot too, then gives up.
+	ctx, cancel := context.WithCancel(t.Context())
+	quitter := make(chan error, 1)
+	go func() {
+		_, err := r.Authenticate(ctx, authn.Credentials{Token: tokens[4]})
+		quitter <- err
+	}()
+	require.Never(t, func() bool { return inFlight() > 2 }, 300*time.Millisecond, time.Millisecond)
+	cancel()
+	err = <-quitter
+	require.ErrorIs(t, err, context.Canceled)
+	require.NotErrorIs(t, err, authn.ErrUnavailable)
+
+	gate.open()
+	wg.Wait()
+	for _, err := range errs {
+		require.NoError(t, err)
+	}
+	sent, _, maxFlight := gate.counts()
+	require.Equal(t, 2, maxFlight)
+	require.Equal(t, 4, sent, "the review nobody waits for any more is never sent")
 }
 
 // TestKubeWithoutRBAC runs meshca as a service account with no grants of its

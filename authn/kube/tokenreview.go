@@ -28,12 +28,21 @@ type TokenReviewConfig struct {
 	// TrustDomain of the SPIFFE IDs handed out. Required.
 	TrustDomain spiffeid.TrustDomain
 	// Audiences are sent with every review; the token must be meant for at
-	// least one. Default ["istio-ca"].
+	// least one. A token whose aud claim names none of them is refused
+	// without a review. Default ["istio-ca"].
 	Audiences []string
-	// Issuer, if set, is the cluster's service-account issuer. It only
-	// sharpens the reason given for a rejected token (unknown_issuer rather
-	// than rejected); the apiserver decides.
+	// Issuer, if set, is the cluster's service-account issuer. A token whose
+	// iss claim names another is refused without a review (unknown_issuer),
+	// and it sharpens the reason given for a token the apiserver rejected.
+	// Without it, the apiserver alone judges the issuer.
 	Issuer string
+	// Skew is the clock skew allowed when refusing an expired token without
+	// a review. Default 30s.
+	Skew time.Duration
+	// MaxInFlight caps the TokenReviews under way at once. A verification
+	// that finds every slot taken waits for one while a caller waits for it.
+	// Default 32.
+	MaxInFlight int
 	// Cache bounds the cache of reviewed tokens.
 	Cache CacheConfig
 	// ServiceAccounts, if set, is asked on every call (cache hits included)
@@ -51,12 +60,18 @@ type TokenReviewConfig struct {
 
 // TokenReview authenticates service-account tokens by asking the
 // kube-apiserver (the TokenReview API) about each token it has not cached.
+// Before asking, it reads the token's claims without verifying them and
+// refuses outright a token that the apiserver would refuse anyway (not a
+// JWT, expired, for another audience or issuer), so that unauthenticated
+// junk costs no round trip; the apiserver decides on every other token.
 // It is safe for concurrent use.
 type TokenReview struct {
 	client    kubernetes.Interface
 	td        spiffeid.TrustDomain
 	audiences []string
 	issuer    string
+	skew      time.Duration
+	slots     chan struct{} // a semaphore of MaxInFlight TokenReviews
 	now       func() time.Time
 	log       *slog.Logger
 	sas       ServiceAccountLookup
@@ -65,6 +80,9 @@ type TokenReview struct {
 
 // tokenReviewAuthenticator is the Caller.Authenticator of TokenReview.
 const tokenReviewAuthenticator = "tokenreview"
+
+// defaultMaxInFlight is TokenReviewConfig.MaxInFlight's default.
+const defaultMaxInFlight = 32
 
 // Keys of TokenReview's status.user.extra for tokens bound to a pod.
 const (
@@ -80,8 +98,17 @@ func NewTokenReview(cfg TokenReviewConfig) (*TokenReview, error) {
 	if cfg.TrustDomain.IsZero() {
 		return nil, errors.New("new tokenreview authenticator: TrustDomain is required")
 	}
+	if cfg.Skew < 0 || cfg.MaxInFlight < 0 {
+		return nil, errors.New("new tokenreview authenticator: Skew and MaxInFlight must not be negative")
+	}
 	if len(cfg.Audiences) == 0 {
 		cfg.Audiences = []string{defaultAudience}
+	}
+	if cfg.Skew == 0 {
+		cfg.Skew = 30 * time.Second
+	}
+	if cfg.MaxInFlight == 0 {
+		cfg.MaxInFlight = defaultMaxInFlight
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -98,6 +125,8 @@ func NewTokenReview(cfg TokenReviewConfig) (*TokenReview, error) {
 		td:        cfg.TrustDomain,
 		audiences: slices.Clone(cfg.Audiences),
 		issuer:    cfg.Issuer,
+		skew:      cfg.Skew,
+		slots:     make(chan struct{}, cfg.MaxInFlight),
 		now:       cfg.Now,
 		log:       cfg.Log.With("authenticator", tokenReviewAuthenticator),
 		sas:       cfg.ServiceAccounts,
@@ -115,6 +144,11 @@ func (r *TokenReview) Authenticate(ctx context.Context, creds authn.Credentials)
 		return nil, authn.Fail(authn.ReasonMalformed, "token longer than %d bytes", maxTokenBytes)
 	}
 	caller, err := r.cache.get(ctx, creds.Token, func(ctx context.Context) (*authn.Caller, error) {
+		// Only on a miss: a cached token passed it, and stays cached no
+		// longer than its exp.
+		if err := precheck(creds.Token, r.now(), r.skew, r.issuer, r.audiences); err != nil {
+			return nil, err
+		}
 		return r.review(ctx, creds.Token)
 	})
 	if err != nil {
@@ -127,14 +161,24 @@ func (r *TokenReview) Authenticate(ctx context.Context, creds authn.Credentials)
 	return caller, nil
 }
 
-// review asks the apiserver about token.
+// review asks the apiserver about token, once a slot is free. ctx is the
+// cache's shared verification context.
 func (r *TokenReview) review(ctx context.Context, token string) (*authn.Caller, error) {
+	if err := r.acquire(ctx); err != nil {
+		return nil, err
+	}
+	defer func() { <-r.slots }()
 	req := &authenticationv1.TokenReview{Spec: authenticationv1.TokenReviewSpec{
 		Token:     token,
 		Audiences: r.audiences,
 	}}
 	res, err := r.client.AuthenticationV1().TokenReviews().Create(ctx, req, metav1.CreateOptions{})
 	if err != nil {
+		if errors.Is(context.Cause(ctx), errAbandoned) {
+			// Every caller gave up: not an apiserver failure, and nobody
+			// reads this error.
+			return nil, fmt.Errorf("create tokenreview: %w", context.Cause(ctx))
+		}
 		err = redact(err, token)
 		if apierrors.IsForbidden(err) {
 			r.log.Error("the kube-apiserver forbids meshca to create tokenreviews: bind meshca's service account to the ClusterRole system:auth-delegator", "error", err)
@@ -175,6 +219,25 @@ func (r *TokenReview) review(ctx context.Context, token string) (*authn.Caller, 
 		ExpiresAt:         unverifiedExpiry(token),
 	}
 	return caller, nil
+}
+
+// acquire takes one of the MaxInFlight slots, waiting while ctx allows. ctx
+// ends while waiting when every caller gave up (the error then reaches
+// nobody: each caller got its own context's error) or when the shared
+// verification ran out of time with every slot taken, an overload: the
+// callers still waiting get ErrUnavailable.
+func (r *TokenReview) acquire(ctx context.Context) error {
+	if ctx.Err() == nil {
+		select {
+		case r.slots <- struct{}{}:
+			return nil
+		case <-ctx.Done():
+		}
+	}
+	if errors.Is(context.Cause(ctx), errVerifyTimeout) {
+		return fmt.Errorf("%w: no tokenreview slot free within %s", authn.ErrUnavailable, verifyTimeout)
+	}
+	return fmt.Errorf("wait for a tokenreview slot: %w", ctx.Err())
 }
 
 // redact returns err, or if its text contains token (client-go's errors

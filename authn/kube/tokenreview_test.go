@@ -3,6 +3,7 @@ package kube
 import (
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	"k8s.io/client-go/kubernetes"
@@ -37,6 +38,8 @@ func TestNewTokenReviewConfig(t *testing.T) {
 	}{
 		{name: "no client", cfg: TokenReviewConfig{TrustDomain: testTD}, wantErr: "Client is required"},
 		{name: "no trust domain", cfg: TokenReviewConfig{Client: client}, wantErr: "TrustDomain is required"},
+		{name: "negative skew", cfg: TokenReviewConfig{Client: client, TrustDomain: testTD, Skew: -1}, wantErr: "must not be negative"},
+		{name: "negative MaxInFlight", cfg: TokenReviewConfig{Client: client, TrustDomain: testTD, MaxInFlight: -1}, wantErr: "must not be negative"},
 		{name: "ok", cfg: TokenReviewConfig{Client: client, TrustDomain: testTD}},
 	}
 	for _, tt := range tests {
@@ -48,6 +51,8 @@ func TestNewTokenReviewConfig(t *testing.T) {
 			}
 			require.NoError(t, err)
 			require.Equal(t, []string{"istio-ca"}, r.audiences)
+			require.Equal(t, 30*time.Second, r.skew)
+			require.Equal(t, 32, cap(r.slots))
 			_, err = r.Authenticate(t.Context(), authn.Credentials{})
 			require.ErrorIs(t, err, authn.ErrNoCredentials)
 		})
