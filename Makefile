@@ -28,12 +28,12 @@ test-servers: ## build (or reuse) etcd, kube-apiserver, pilot-agent and helm int
 	test/tools/build.sh etcd kube-apiserver pilot-agent helm
 
 .PHONY: test
-test: test-servers ## run every test with -race, including the end-to-end ones on real servers
-	$(GO) test -race -timeout 20m ./...
+test: test-servers ## run every test with -race (uncached: e2e tests build the binaries), including end-to-end ones on real servers
+	$(GO) test -race -count=1 -timeout 20m ./...
 
 .PHONY: test-e2e
 test-e2e: test-servers ## run only the end-to-end tests (real kube-apiserver, etcd, pilot-agent)
-	$(GO) test -race -timeout 20m -v ./test/...
+	$(GO) test -race -count=1 -timeout 20m -v ./test/...
 
 .PHONY: bench
 bench: build ## load-test a local meshca at concurrency 1, 8 and 64 (certs/s, latency, server CPU and RSS)

@@ -282,6 +282,7 @@ func (s *server) authenticators(ctx context.Context, cfg *config.Config, td spif
 		case config.AuthTokenReview:
 			a, err = kube.NewTokenReview(kube.TokenReviewConfig{
 				Client: client, TrustDomain: td, Audiences: cfg.Authn.Audiences, Issuer: s.reviewIssuer(ctx, cfg, restCfg, log),
+				Skew: cfg.Authn.JWT.Skew, MaxInFlight: cfg.Authn.MaxReviewsInFlight,
 				Cache: cache, ServiceAccounts: lookup, Log: log.With("component", "tokenreview"), Registerer: s.reg,
 			})
 		default:

@@ -70,6 +70,9 @@ type Authn struct {
 	// (TokenReviews on cache misses, discovery, the watch).
 	KubeQPS   float32 `yaml:"kubeQPS"`
 	KubeBurst int     `yaml:"kubeBurst"`
+	// MaxReviewsInFlight caps concurrent TokenReview calls; callers beyond
+	// it wait (within their deadline) for a slot.
+	MaxReviewsInFlight int `yaml:"maxReviewsInFlight"`
 	// CheckServiceAccounts refuses tokens whose service account no longer
 	// exists (or was re-created), using a watch on ServiceAccounts. Default
 	// true unless in dev mode.
@@ -84,7 +87,8 @@ type JWT struct {
 	// are read from the apiserver's /openid/v1/jwks.
 	JWKSFile string `yaml:"jwksFile"`
 	JWKSURL  string `yaml:"jwksURL"`
-	// Skew is the clock-skew allowance on exp, nbf and iat.
+	// Skew is the clock-skew allowance on exp, nbf and iat. tokenreview
+	// uses it too, to refuse plainly expired tokens without a round trip.
 	Skew time.Duration `yaml:"skew"`
 	// RefetchInterval is the least time between JWKS refetches caused by
 	// an unknown key ID.
@@ -179,6 +183,9 @@ func (c *Config) applyDefaults() {
 	if c.Authn.KubeBurst == 0 {
 		c.Authn.KubeBurst = 100
 	}
+	if c.Authn.MaxReviewsInFlight == 0 {
+		c.Authn.MaxReviewsInFlight = 32
+	}
 	if c.Authn.CheckServiceAccounts == nil {
 		v := !c.Dev.Enabled
 		c.Authn.CheckServiceAccounts = &v
@@ -241,6 +248,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Authn.KubeQPS < 0 || c.Authn.KubeBurst < 0 {
 		bad("authn.kubeQPS", "kubeQPS and kubeBurst must not be negative")
+	}
+	if c.Authn.MaxReviewsInFlight < 0 {
+		bad("authn.maxReviewsInFlight", "must not be negative")
 	}
 	if c.Authn.JWT.JWKSFile != "" && c.Authn.JWT.JWKSURL != "" {
 		bad("authn.jwt", "set jwksFile or jwksURL, not both")
