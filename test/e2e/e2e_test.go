@@ -163,6 +163,14 @@ func TestBadCredentials(t *testing.T) {
 			require.Equal(t, 3.0, m.metric(t, `meshca_csr_rejections_total{reason="identity_mismatch"}`))
 			require.Equal(t, 3.0, m.metric(t, `meshca_requests_total{code="PermissionDenied",service="istio"}`))
 			require.Equal(t, float64(len(tests)), m.metric(t, `meshca_requests_total{code="OK",service="istio"}`))
+			// Beyond the 64 KiB CSR limit the handler answers; beyond gRPC's
+			// own 256 KiB message limit gRPC does. Either way meshca goes on.
+			for size, want := range map[int]codes.Code{100 << 10: codes.InvalidArgument, 300 << 10: codes.ResourceExhausted} {
+				_, err := client.CreateCertificate(withToken(t.Context(), good), &pb.IstioCertificateRequest{Csr: strings.Repeat("A", size)})
+				require.Equal(t, want, status.Code(err), "CSR of %d bytes", size)
+			}
+			_, err := client.CreateCertificate(withToken(t.Context(), good), &pb.IstioCertificateRequest{Csr: goodCSR})
+			require.NoError(t, err)
 			for _, tc := range tests {
 				if tc.token != "" {
 					require.NotContains(t, readFile(t, m.auditPath), tc.token)
