@@ -3,13 +3,8 @@ package authn_test
 import (
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
-	"math/big"
 	"net/url"
 	"testing"
 	"time"
@@ -18,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/authn"
+	"github.com/meshca/meshca/ca/catest"
 )
 
 // saTable is a state-based ServiceAccountLookup: namespace/name -> UID.
@@ -39,34 +35,12 @@ type pki struct {
 	interKey    crypto.Signer
 }
 
-func newKey(t *testing.T) crypto.Signer {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	return k
-}
-
-func mint(t *testing.T, tmpl, parent *x509.Certificate, pub crypto.PublicKey, parentKey crypto.Signer) *x509.Certificate {
-	t.Helper()
-	tmpl.SerialNumber = big.NewInt(time.Now().UnixNano())
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, parentKey)
-	require.NoError(t, err)
-	c, err := x509.ParseCertificate(der)
-	require.NoError(t, err)
-	return c
-}
-
 func newPKI(t *testing.T) pki {
 	t.Helper()
 	now := time.Now()
-	rootKey, interKey := newKey(t), newKey(t)
-	caTmpl := func(cn string) *x509.Certificate {
-		return &x509.Certificate{Subject: pkix.Name{CommonName: cn}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	}
-	rt := caTmpl("root")
-	root := mint(t, rt, rt, rootKey.Public(), rootKey)
-	inter := mint(t, caTmpl("inter"), root, interKey.Public(), rootKey)
+	rootKey, interKey := catest.Key(t, "P-256"), catest.Key(t, "P-256")
+	root := catest.Issue(t, catest.CATemplate("root", now.Add(-time.Hour), now.Add(24*time.Hour)), rootKey, nil, nil)
+	inter := catest.Issue(t, catest.CATemplate("inter", now.Add(-time.Hour), now.Add(24*time.Hour)), interKey, root, rootKey)
 	return pki{root: root, inter: inter, interKey: interKey}
 }
 
@@ -80,7 +54,7 @@ func (p pki) leaf(t *testing.T, uri string, notAfter time.Time, eku ...x509.ExtK
 	} else {
 		tmpl.DNSNames = []string{"meshca.istio-system.svc"}
 	}
-	return mint(t, tmpl, p.inter, newKey(t).Public(), p.interKey)
+	return catest.Issue(t, tmpl, catest.Key(t, "P-256"), p.inter, p.interKey)
 }
 
 func TestClientCert(t *testing.T) {

@@ -3,9 +3,6 @@ package ca_test
 import (
 	"context"
 	"crypto"
-	"crypto/ed25519"
-	"crypto/elliptic"
-	"crypto/rand"
 	"errors"
 	"testing"
 	"time"
@@ -17,6 +14,7 @@ import (
 	"github.com/meshca/meshca/authn"
 	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 )
 
 func newTestCA(t *testing.T, p *ca.Policy, wrap func(ca.Backend) ca.Backend) (*ca.CA, *ca.Metrics) {
@@ -50,9 +48,8 @@ func TestIssueKeyPolicyPerNamespace(t *testing.T) {
 			"edge":   {KeyTypes: []ca.KeyType{ca.KeyEd25519, ca.KeyECDSAP256}},
 		},
 	}, nil)
-	_, edKey, err := ed25519.GenerateKey(rand.Reader)
-	require.NoError(t, err)
-	p256 := ecKey(t, elliptic.P256())
+	edKey := catest.Key(t, "Ed25519")
+	p256 := catest.Key(t, "P-256")
 
 	tests := []struct {
 		name    string
@@ -68,7 +65,7 @@ func TestIssueKeyPolicyPerNamespace(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			cl := testCaller(t, tc.ns, "app")
-			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csrPEM(t, tc.key, []string{cl.ID.String()}, nil)})
+			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: catest.CSRPEM(t, tc.key, nil, cl.ID.String())})
 			if tc.wantErr == "" {
 				require.NoError(t, err)
 				require.NotEmpty(t, issued.CertPEM)
@@ -99,7 +96,7 @@ func (downBackend) Sign(context.Context, ca.SignRequest) (*ca.SignResponse, erro
 
 func TestIssueBackendErrors(t *testing.T) {
 	cl := testCaller(t, "demo", "web")
-	csr := csrPEM(t, ecKey(t, elliptic.P256()), []string{cl.ID.String()}, nil)
+	csr := catest.CSRPEM(t, catest.Key(t, "P-256"), nil, cl.ID.String())
 
 	c, _ := newTestCA(t, &ca.Policy{}, func(b ca.Backend) ca.Backend { return downBackend{b} })
 	_, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr})
@@ -120,7 +117,7 @@ func TestIssueBackendErrors(t *testing.T) {
 func TestIssueValidity(t *testing.T) {
 	c, m := newTestCA(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 6 * time.Hour, MinTTL: time.Hour, MaxTTL: 12 * time.Hour}}, nil)
 	cl := testCaller(t, "demo", "web")
-	csr := csrPEM(t, ecKey(t, elliptic.P256()), []string{cl.ID.String()}, nil)
+	csr := catest.CSRPEM(t, catest.Key(t, "P-256"), nil, cl.ID.String())
 	tests := []struct {
 		name      string
 		seconds   int64

@@ -2,13 +2,9 @@ package ca_test
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"io"
 	"math/big"
@@ -21,60 +17,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 )
-
-// newKey generates a key of the named type: "P-256", "P-384", "P-521",
-// "RSA-2048", "RSA-1024" or "Ed25519".
-func newKey(t testing.TB, typ string) crypto.Signer {
-	t.Helper()
-	var k crypto.Signer
-	var err error
-	switch typ {
-	case "P-256":
-		k, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	case "P-384":
-		k, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	case "P-521":
-		k, err = ecdsa.GenerateKey(elliptic.P521(), rand.Reader)
-	case "RSA-2048":
-		k, err = rsa.GenerateKey(rand.Reader, 2048)
-	case "RSA-1024":
-		k, err = rsa.GenerateKey(rand.Reader, 1024)
-	case "Ed25519":
-		_, k, err = ed25519.GenerateKey(rand.Reader)
-	default:
-		t.Fatalf("unknown key type %q", typ)
-	}
-	require.NoError(t, err)
-	return k
-}
-
-// caTemplate returns a CA template valid over [notBefore, notAfter].
-func caTemplate(cn string, notBefore, notAfter time.Time) *x509.Certificate {
-	return &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{CommonName: cn, Organization: []string{"meshca test"}},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-}
-
-// issueCA signs tmpl with parentKey as parent (self-signed when parent is
-// nil) and returns the parsed certificate.
-func issueCA(t testing.TB, tmpl *x509.Certificate, key crypto.Signer, parent *x509.Certificate, parentKey crypto.Signer) *x509.Certificate {
-	t.Helper()
-	if parent == nil {
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
-	require.NoError(t, err)
-	cert, err := x509.ParseCertificate(der)
-	require.NoError(t, err)
-	return cert
-}
 
 // testPKI is a root and an intermediate below it.
 type testPKI struct {
@@ -85,9 +29,9 @@ type testPKI struct {
 func newTestPKI(t testing.TB, keyType string, notAfter time.Time) testPKI {
 	t.Helper()
 	now := time.Now()
-	p := testPKI{rootKey: newKey(t, keyType), interKey: newKey(t, keyType)}
-	p.root = issueCA(t, caTemplate("test root", now.Add(-time.Hour), notAfter.Add(time.Hour)), p.rootKey, nil, nil)
-	p.inter = issueCA(t, caTemplate("test intermediate", now.Add(-time.Hour), notAfter), p.interKey, p.root, p.rootKey)
+	p := testPKI{rootKey: catest.Key(t, keyType), interKey: catest.Key(t, keyType)}
+	p.root = catest.Issue(t, catest.CATemplate("test root", now.Add(-time.Hour), notAfter.Add(time.Hour)), p.rootKey, nil, nil)
+	p.inter = catest.Issue(t, catest.CATemplate("test intermediate", now.Add(-time.Hour), notAfter), p.interKey, p.root, p.rootKey)
 	return p
 }
 
@@ -96,15 +40,6 @@ func (p testPKI) signingCA(t testing.TB) *ca.SigningCA {
 	s, err := ca.NewSigningCA(p.inter, p.interKey, []*x509.Certificate{p.root})
 	require.NoError(t, err)
 	return s
-}
-
-func newCSR(t testing.TB, key crypto.Signer) *x509.CertificateRequest {
-	t.Helper()
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	require.NoError(t, err)
-	csr, err := x509.ParseCertificateRequest(der)
-	require.NoError(t, err)
-	return csr
 }
 
 // x509Equivalent builds, with x509.CreateCertificate, the certificate that
@@ -160,7 +95,7 @@ func TestSigningCA_MatchesX509(t *testing.T) {
 	keyTypes := []string{"P-256", "P-384", "RSA-2048", "Ed25519"}
 	leafKeys := map[string]crypto.Signer{}
 	for _, kt := range keyTypes {
-		leafKeys[kt] = newKey(t, kt)
+		leafKeys[kt] = catest.Key(t, kt)
 	}
 	now := time.Now()
 	shapes := []struct {
@@ -183,7 +118,7 @@ func TestSigningCA_MatchesX509(t *testing.T) {
 		pki := newTestPKI(t, caType, now.Add(48*time.Hour))
 		signer := pki.signingCA(t)
 		for _, leafType := range keyTypes {
-			csr := newCSR(t, leafKeys[leafType])
+			csr := catest.CSR(t, leafKeys[leafType])
 			for _, shape := range shapes {
 				t.Run(caType+"/"+leafType+"/"+shape.name, func(t *testing.T) {
 					req := shape.req
@@ -214,15 +149,15 @@ func TestSigningCA_MatchesX509(t *testing.T) {
 
 func TestSigningCA_SelfSignedRoot(t *testing.T) {
 	now := time.Now()
-	key := newKey(t, "P-256")
-	root := issueCA(t, caTemplate("root", now.Add(-time.Hour), now.Add(time.Hour)), key, nil, nil)
+	key := catest.Key(t, "P-256")
+	root := catest.Issue(t, catest.CATemplate("root", now.Add(-time.Hour), now.Add(time.Hour)), key, nil, nil)
 	s, err := ca.NewSigningCA(root, key, nil)
 	require.NoError(t, err)
 	require.Same(t, root, s.Root())
 	require.Same(t, root, s.Certificate())
 	require.Equal(t, []*x509.Certificate{root}, s.Chain())
 
-	req := ca.SignRequest{CSR: newCSR(t, newKey(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
+	req := ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
 	resp, err := s.Sign(req)
 	require.NoError(t, err)
 	require.Len(t, resp.ChainPEM, 1)
@@ -243,7 +178,7 @@ func TestSigningCA_TwoTierChainPEM(t *testing.T) {
 	require.Same(t, pki.root, s.Root())
 	require.Equal(t, []*x509.Certificate{pki.inter, pki.root}, s.Chain())
 
-	resp, err := s.Sign(ca.SignRequest{CSR: newCSR(t, newKey(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)})
+	resp, err := s.Sign(ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)})
 	require.NoError(t, err)
 	require.Len(t, resp.ChainPEM, 2)
 	for i, want := range []*x509.Certificate{pki.inter, pki.root} {
@@ -262,7 +197,7 @@ func TestSigningCA_CapsNotAfter(t *testing.T) {
 	pki := newTestPKI(t, "P-256", now.Add(time.Hour).Truncate(time.Second))
 	s := pki.signingCA(t)
 	notBefore := now.Add(-time.Minute)
-	resp, err := s.Sign(ca.SignRequest{CSR: newCSR(t, newKey(t, "P-256")), ID: testID, NotBefore: notBefore, NotAfter: now.Add(24 * time.Hour)})
+	resp, err := s.Sign(ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: notBefore, NotAfter: now.Add(24 * time.Hour)})
 	require.NoError(t, err)
 	leaf, err := x509.ParseCertificate(resp.Leaf)
 	require.NoError(t, err)
@@ -274,12 +209,12 @@ func TestSigningCA_CapsNotAfter(t *testing.T) {
 // TestSigningCA_TimeEncoding checks sub-second truncation and the switch
 // from UTCTime to GeneralizedTime at 2050 against crypto/x509.
 func TestSigningCA_TimeEncoding(t *testing.T) {
-	key := newKey(t, "P-256")
+	key := catest.Key(t, "P-256")
 	rootNotAfter := time.Date(2070, 1, 1, 0, 0, 0, 0, time.UTC)
-	root := issueCA(t, caTemplate("root", time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC), rootNotAfter), key, nil, nil)
+	root := catest.Issue(t, catest.CATemplate("root", time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC), rootNotAfter), key, nil, nil)
 	s, err := ca.NewSigningCA(root, key, nil)
 	require.NoError(t, err)
-	csr := newCSR(t, newKey(t, "P-256"))
+	csr := catest.CSR(t, catest.Key(t, "P-256"))
 	loc := time.FixedZone("UTC+5", 5*3600)
 	for _, tc := range []struct {
 		name                string
@@ -306,7 +241,7 @@ func TestSigningCA_SerialsUnique(t *testing.T) {
 	now := time.Now()
 	pki := newTestPKI(t, "P-256", now.Add(time.Hour))
 	s := pki.signingCA(t)
-	req := ca.SignRequest{CSR: newCSR(t, newKey(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
+	req := ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
 	seen := map[string]bool{}
 	for range 1000 {
 		resp, err := s.Sign(req)
@@ -323,7 +258,7 @@ func TestSigningCA_SignErrors(t *testing.T) {
 	now := time.Now()
 	pki := newTestPKI(t, "P-256", now.Add(time.Hour))
 	s := pki.signingCA(t)
-	csr := newCSR(t, newKey(t, "P-256"))
+	csr := catest.CSR(t, catest.Key(t, "P-256"))
 	for _, tc := range []struct {
 		name string
 		req  ca.SignRequest
@@ -334,7 +269,7 @@ func TestSigningCA_SignErrors(t *testing.T) {
 		{name: "no names", req: ca.SignRequest{CSR: csr, NotBefore: now, NotAfter: now.Add(time.Minute)}},
 		{name: "non-ASCII DNS name", req: ca.SignRequest{CSR: csr, DNSNames: []string{"bücher.example"}, NotBefore: now, NotAfter: now.Add(time.Minute)}},
 		{name: "bad IP", req: ca.SignRequest{CSR: csr, IPAddresses: []net.IP{{1, 2, 3}}, NotBefore: now, NotAfter: now.Add(time.Minute)}},
-		{name: "weak RSA leaf", req: ca.SignRequest{CSR: newCSR(t, newKey(t, "RSA-1024")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}},
+		{name: "weak RSA leaf", req: ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "RSA-1024")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}},
 		{name: "unsupported leaf key", req: ca.SignRequest{CSR: &x509.CertificateRequest{RawSubjectPublicKeyInfo: []byte{0x30, 0}, PublicKey: "not a key"}, ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -349,27 +284,26 @@ func TestNewSigningCA_Errors(t *testing.T) {
 	pki := newTestPKI(t, "P-256", now.Add(time.Hour))
 	other := newTestPKI(t, "P-256", now.Add(time.Hour))
 
-	leafTmpl := caTemplate("not a CA", now.Add(-time.Hour), now.Add(time.Hour))
+	leafTmpl := catest.CATemplate("not a CA", now.Add(-time.Hour), now.Add(time.Hour))
 	leafTmpl.IsCA = false
 	leafTmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	leafKey := newKey(t, "P-256")
-	notCA := issueCA(t, leafTmpl, leafKey, pki.root, pki.rootKey)
+	leafKey := catest.Key(t, "P-256")
+	notCA := catest.Issue(t, leafTmpl, leafKey, pki.root, pki.rootKey)
 
-	noCertSignTmpl := caTemplate("no certSign", now.Add(-time.Hour), now.Add(time.Hour))
+	noCertSignTmpl := catest.CATemplate("no certSign", now.Add(-time.Hour), now.Add(time.Hour))
 	noCertSignTmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	noCertSignKey := newKey(t, "P-256")
-	noCertSign := issueCA(t, noCertSignTmpl, noCertSignKey, pki.root, pki.rootKey)
+	noCertSignKey := catest.Key(t, "P-256")
+	noCertSign := catest.Issue(t, noCertSignTmpl, noCertSignKey, pki.root, pki.rootKey)
 
-	zeroPathTmpl := caTemplate("path len 0", now.Add(-time.Hour), now.Add(time.Hour))
+	zeroPathTmpl := catest.CATemplate("path len 0", now.Add(-time.Hour), now.Add(time.Hour))
 	zeroPathTmpl.MaxPathLenZero = true
-	zeroPathKey := newKey(t, "P-256")
-	zeroPath := issueCA(t, zeroPathTmpl, zeroPathKey, pki.root, pki.rootKey)
-	belowZeroKey := newKey(t, "P-256")
-	belowZero := issueCA(t, caTemplate("below path len 0", now.Add(-time.Hour), now.Add(time.Hour)), belowZeroKey, zeroPath, zeroPathKey)
+	zeroPathKey := catest.Key(t, "P-256")
+	zeroPath := catest.Issue(t, zeroPathTmpl, zeroPathKey, pki.root, pki.rootKey)
+	belowZeroKey := catest.Key(t, "P-256")
+	belowZero := catest.Issue(t, catest.CATemplate("below path len 0", now.Add(-time.Hour), now.Add(time.Hour)), belowZeroKey, zeroPath, zeroPathKey)
 
-	p224Key, err := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
-	require.NoError(t, err)
-	p224 := issueCA(t, caTemplate("P-224", now.Add(-time.Hour), now.Add(time.Hour)), p224Key, nil, nil)
+	p224Key := catest.Key(t, "P-224")
+	p224 := catest.Issue(t, catest.CATemplate("P-224", now.Add(-time.Hour), now.Add(time.Hour)), p224Key, nil, nil)
 
 	for _, tc := range []struct {
 		name  string
@@ -417,7 +351,7 @@ func TestSigningCA_CustomSignerSelfCheck(t *testing.T) {
 	now := time.Now()
 	for _, keyType := range []string{"P-256", "P-384", "RSA-2048", "Ed25519"} {
 		pki := newTestPKI(t, keyType, now.Add(time.Hour))
-		req := ca.SignRequest{CSR: newCSR(t, newKey(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
+		req := ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
 		t.Run(keyType+"/good", func(t *testing.T) {
 			s, err := ca.NewSigningCA(pki.inter, wrappedSigner{key: pki.interKey}, []*x509.Certificate{pki.root})
 			require.NoError(t, err)
@@ -441,7 +375,7 @@ func BenchmarkSigningCA_Sign(b *testing.B) {
 	now := time.Now()
 	pki := newTestPKI(b, "P-256", now.Add(time.Hour))
 	s := pki.signingCA(b)
-	req := ca.SignRequest{CSR: newCSR(b, newKey(b, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
+	req := ca.SignRequest{CSR: catest.CSR(b, catest.Key(b, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Minute)}
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := s.Sign(req); err != nil {
@@ -453,7 +387,7 @@ func BenchmarkSigningCA_Sign(b *testing.B) {
 func BenchmarkX509CreateCertificate(b *testing.B) {
 	now := time.Now()
 	pki := newTestPKI(b, "P-256", now.Add(time.Hour))
-	csr := newCSR(b, newKey(b, "P-256"))
+	csr := catest.CSR(b, catest.Key(b, "P-256"))
 	tmpl := &x509.Certificate{
 		NotBefore:             now,
 		NotAfter:              now.Add(time.Minute),
@@ -480,13 +414,13 @@ func BenchmarkX509CreateCertificate(b *testing.B) {
 // anything reports an outage rather than a bad request.
 func TestSigningCA_CapsAtChain(t *testing.T) {
 	now := time.Now()
-	rootKey, interKey := newKey(t, "P-256"), newKey(t, "P-256")
+	rootKey, interKey := catest.Key(t, "P-256"), catest.Key(t, "P-256")
 	// The root expires before the intermediate it issued.
-	root := issueCA(t, caTemplate("short root", now.Add(-time.Hour), now.Add(2*time.Hour)), rootKey, nil, nil)
-	inter := issueCA(t, caTemplate("long intermediate", now.Add(-time.Hour), now.Add(24*time.Hour)), interKey, root, rootKey)
+	root := catest.Issue(t, catest.CATemplate("short root", now.Add(-time.Hour), now.Add(2*time.Hour)), rootKey, nil, nil)
+	inter := catest.Issue(t, catest.CATemplate("long intermediate", now.Add(-time.Hour), now.Add(24*time.Hour)), interKey, root, rootKey)
 	s, err := ca.NewSigningCA(inter, interKey, []*x509.Certificate{root})
 	require.NoError(t, err)
-	csr := newCSR(t, newKey(t, "P-256"))
+	csr := catest.CSR(t, catest.Key(t, "P-256"))
 	resp, err := s.Sign(ca.SignRequest{CSR: csr, ID: testID, NotBefore: now, NotAfter: now.Add(12 * time.Hour)})
 	require.NoError(t, err)
 	require.Equal(t, root.NotAfter.UTC(), resp.NotAfter, "capped at the root, the earliest NotAfter in the chain")

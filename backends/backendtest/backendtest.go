@@ -4,10 +4,6 @@ package backendtest
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
@@ -19,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 )
 
 // Run checks the contract of ca.Backend against backends made by
@@ -30,13 +27,13 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 	t.Helper()
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/backendtest/sa/workload")
 
-	for _, kt := range []string{"ECDSA-P256", "RSA-2048"} {
-		t.Run("SignsWorkloadLeaf/"+kt, func(t *testing.T) {
+	for _, kt := range []struct{ name, kind string }{{name: "ECDSA-P256", kind: "P-256"}, {name: "RSA-2048", kind: "RSA-2048"}} {
+		t.Run("SignsWorkloadLeaf/"+kt.name, func(t *testing.T) {
 			b := newBackend(t)
-			key := newKey(t, kt)
+			key := catest.Key(t, kt.kind)
 			notBefore := time.Now().Add(-time.Minute).Truncate(time.Second)
 			notAfter := notBefore.Add(time.Hour)
-			resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: newCSR(t, key), ID: id, NotBefore: notBefore, NotAfter: notAfter})
+			resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, key), ID: id, NotBefore: notBefore, NotAfter: notAfter})
 			require.NoError(t, err)
 			leaf := parseLeaf(t, resp)
 
@@ -76,7 +73,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 		signing := parseChain(t, probe.ChainPEM)[0]
 		notBefore := time.Now().Truncate(time.Second)
 		resp, err := b.Sign(t.Context(), ca.SignRequest{
-			CSR: newCSR(t, newKey(t, "ECDSA-P256")), ID: id,
+			CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: id,
 			NotBefore: notBefore, NotAfter: signing.NotAfter.Add(365 * 24 * time.Hour),
 		})
 		require.NoError(t, err)
@@ -98,7 +95,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 
 	t.Run("ConcurrentSign", func(t *testing.T) {
 		b := newBackend(t)
-		csr := newCSR(t, newKey(t, "ECDSA-P256"))
+		csr := catest.CSR(t, catest.Key(t, "P-256"))
 		const workers, each = 8, 10
 		var (
 			mu      sync.Mutex
@@ -133,34 +130,9 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 func sign(t *testing.T, b ca.Backend, id spiffeid.ID) *ca.SignResponse {
 	t.Helper()
 	now := time.Now()
-	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: newCSR(t, newKey(t, "ECDSA-P256")), ID: id, NotBefore: now, NotAfter: now.Add(time.Hour)})
+	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: id, NotBefore: now, NotAfter: now.Add(time.Hour)})
 	require.NoError(t, err)
 	return resp
-}
-
-func newKey(t *testing.T, kt string) crypto.Signer {
-	t.Helper()
-	var k crypto.Signer
-	var err error
-	switch kt {
-	case "ECDSA-P256":
-		k, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	case "RSA-2048":
-		k, err = rsa.GenerateKey(rand.Reader, 2048)
-	default:
-		t.Fatalf("unknown key type %q", kt)
-	}
-	require.NoError(t, err)
-	return k
-}
-
-func newCSR(t *testing.T, key crypto.Signer) *x509.CertificateRequest {
-	t.Helper()
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	require.NoError(t, err)
-	csr, err := x509.ParseCertificateRequest(der)
-	require.NoError(t, err)
-	return csr
 }
 
 func parseLeaf(t *testing.T, resp *ca.SignResponse) *x509.Certificate {

@@ -4,14 +4,10 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
-	"math/big"
 	"os"
 	"path/filepath"
 	"sync"
@@ -25,6 +21,7 @@ import (
 	"github.com/meshca/meshca/backends/backendtest"
 	"github.com/meshca/meshca/backends/plugged"
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 )
 
 var (
@@ -41,45 +38,14 @@ type ca3 struct {
 	rootKey, interKey, leafCAKey   crypto.Signer
 }
 
-func newECKey(t *testing.T) crypto.Signer {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	return k
-}
-
-func caTmpl(cn string, notBefore, notAfter time.Time) *x509.Certificate {
-	return &x509.Certificate{
-		SerialNumber:          big.NewInt(notBefore.UnixNano() + int64(len(cn))),
-		Subject:               pkix.Name{CommonName: cn, Organization: []string{"plugged test"}},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-}
-
-func issue(t *testing.T, tmpl *x509.Certificate, key crypto.Signer, parent *x509.Certificate, parentKey crypto.Signer) *x509.Certificate {
-	t.Helper()
-	if parent == nil {
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
-	require.NoError(t, err)
-	c, err := x509.ParseCertificate(der)
-	require.NoError(t, err)
-	return c
-}
-
 func newCA3(t *testing.T) ca3 {
 	t.Helper()
 	now := time.Now()
-	p := ca3{rootKey: newECKey(t), interKey: newECKey(t), leafCAKey: newECKey(t)}
-	p.root = issue(t, caTmpl("root", now.Add(-time.Hour), now.Add(365*24*time.Hour)), p.rootKey, nil, nil)
-	p.otherRoot = issue(t, caTmpl("other root", now.Add(-time.Hour), now.Add(365*24*time.Hour)), newECKey(t), nil, nil)
-	p.inter = issue(t, caTmpl("intermediate", now.Add(-time.Hour), now.Add(90*24*time.Hour)), p.interKey, p.root, p.rootKey)
-	p.leafCA = issue(t, caTmpl("cluster CA", now.Add(-time.Hour), now.Add(30*24*time.Hour)), p.leafCAKey, p.inter, p.interKey)
+	p := ca3{rootKey: catest.Key(t, "P-256"), interKey: catest.Key(t, "P-256"), leafCAKey: catest.Key(t, "P-256")}
+	p.root = catest.Issue(t, catest.CATemplate("root", now.Add(-time.Hour), now.Add(365*24*time.Hour)), p.rootKey, nil, nil)
+	p.otherRoot = catest.Issue(t, catest.CATemplate("other root", now.Add(-time.Hour), now.Add(365*24*time.Hour)), catest.Key(t, "P-256"), nil, nil)
+	p.inter = catest.Issue(t, catest.CATemplate("intermediate", now.Add(-time.Hour), now.Add(90*24*time.Hour)), p.interKey, p.root, p.rootKey)
+	p.leafCA = catest.Issue(t, catest.CATemplate("cluster CA", now.Add(-time.Hour), now.Add(30*24*time.Hour)), p.leafCAKey, p.inter, p.interKey)
 	return p
 }
 
@@ -126,13 +92,8 @@ func istioFiles(t *testing.T, caCert *x509.Certificate, caKey crypto.Signer, roo
 
 func signLeaf(t *testing.T, b ca.Backend) (*x509.Certificate, []string) {
 	t.Helper()
-	key := newECKey(t)
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	require.NoError(t, err)
-	csr, err := x509.ParseCertificateRequest(der)
-	require.NoError(t, err)
 	now := time.Now()
-	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: csr, ID: testID, NotBefore: now, NotAfter: now.Add(time.Hour)})
+	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Hour)})
 	require.NoError(t, err)
 	leaf, err := x509.ParseCertificate(resp.Leaf)
 	require.NoError(t, err)
@@ -197,12 +158,11 @@ func TestConfigValidate(t *testing.T) {
 
 func TestNew_Layouts(t *testing.T) {
 	p := newCA3(t)
-	twoTierKey := newECKey(t)
-	twoTier := issue(t, caTmpl("two-tier CA", time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)), twoTierKey, p.root, p.rootKey)
+	twoTierKey := catest.Key(t, "P-256")
+	twoTier := catest.Issue(t, catest.CATemplate("two-tier CA", time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)), twoTierKey, p.root, p.rootKey)
 
-	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
-	require.NoError(t, err)
-	rsaCA := issue(t, caTmpl("RSA CA", time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)), rsaKey, p.root, p.rootKey)
+	rsaKey := catest.Key(t, "RSA-2048").(*rsa.PrivateKey)
+	rsaCA := catest.Issue(t, catest.CATemplate("RSA CA", time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)), rsaKey, p.root, p.rootKey)
 	ecKey := twoTierKey.(*ecdsa.PrivateKey)
 	sec1, err := x509.MarshalECPrivateKey(ecKey)
 	require.NoError(t, err)
@@ -284,13 +244,13 @@ func TestNew_InvalidFiles(t *testing.T) {
 		}
 		return f
 	}
-	notCATmpl := caTmpl("not a CA", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	notCATmpl := catest.CATemplate("not a CA", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
 	notCATmpl.IsCA = false
 	notCATmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	notCAKey := newECKey(t)
-	notCA := issue(t, notCATmpl, notCAKey, p.root, p.rootKey)
-	expiredKey := newECKey(t)
-	expired := issue(t, caTmpl("expired", time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour)), expiredKey, p.root, p.rootKey)
+	notCAKey := catest.Key(t, "P-256")
+	notCA := catest.Issue(t, notCATmpl, notCAKey, p.root, p.rootKey)
+	expiredKey := catest.Key(t, "P-256")
+	expired := catest.Issue(t, catest.CATemplate("expired", time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour)), expiredKey, p.root, p.rootKey)
 
 	for _, tc := range []struct {
 		name     string
@@ -358,8 +318,8 @@ func TestRun_Reloads(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		// Made inside the bubble, so that they are valid at its fake time.
 		p := newCA3(t)
-		newInterKey := newECKey(t)
-		newInter := issue(t, caTmpl("intermediate 2", time.Now().Add(-time.Minute), time.Now().Add(60*24*time.Hour)), newInterKey, p.root, p.rootKey)
+		newInterKey := catest.Key(t, "P-256")
+		newInter := catest.Issue(t, catest.CATemplate("intermediate 2", time.Now().Add(-time.Minute), time.Now().Add(60*24*time.Hour)), newInterKey, p.root, p.rootKey)
 		dir := t.TempDir()
 		writeFiles(t, dir, istioFiles(t, p.inter, p.interKey, p.root))
 		var got reloads
@@ -432,8 +392,8 @@ func TestRun_SymlinkSwap(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		// Made inside the bubble, so that they are valid at its fake time.
 		p := newCA3(t)
-		newInterKey := newECKey(t)
-		newInter := issue(t, caTmpl("intermediate 2", time.Now().Add(-time.Minute), time.Now().Add(60*24*time.Hour)), newInterKey, p.root, p.rootKey)
+		newInterKey := catest.Key(t, "P-256")
+		newInter := catest.Issue(t, catest.CATemplate("intermediate 2", time.Now().Add(-time.Minute), time.Now().Add(60*24*time.Hour)), newInterKey, p.root, p.rootKey)
 		dir := t.TempDir()
 		v1, v2 := filepath.Join(dir, "..v1"), filepath.Join(dir, "..v2")
 		require.NoError(t, os.Mkdir(v1, 0o700))

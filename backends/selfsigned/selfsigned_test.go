@@ -3,8 +3,6 @@ package selfsigned_test
 import (
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
 	"os"
@@ -19,6 +17,7 @@ import (
 	"github.com/meshca/meshca/backends/backendtest"
 	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 )
 
 var (
@@ -218,8 +217,7 @@ func TestPersistence_Errors(t *testing.T) {
 	goodCert := readFile(t, good, selfsigned.RootCertFile)
 	goodKey := readFile(t, good, selfsigned.RootKeyFile)
 
-	otherKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
+	otherKey := catest.Key(t, "P-256").(*ecdsa.PrivateKey)
 	otherKeyDER, err := x509.MarshalPKCS8PrivateKey(otherKey)
 	require.NoError(t, err)
 	otherKeyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: otherKeyDER})
@@ -265,14 +263,8 @@ type signed struct {
 
 func signLeaf(t *testing.T, b ca.Backend, ttl time.Duration) signed {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	require.NoError(t, err)
-	csr, err := x509.ParseCertificateRequest(der)
-	require.NoError(t, err)
 	now := time.Now()
-	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: csr, ID: testID, NotBefore: now, NotAfter: now.Add(ttl)})
+	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(ttl)})
 	require.NoError(t, err)
 	leaf, err := x509.ParseCertificate(resp.Leaf)
 	require.NoError(t, err)

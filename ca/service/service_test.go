@@ -4,10 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -17,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,6 +33,7 @@ import (
 	"github.com/meshca/meshca/authn"
 	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/ca/service"
 )
 
@@ -173,20 +169,10 @@ func newFixture(t *testing.T, policy *ca.Policy) *fixture {
 	return &fixture{client: dial(nil), dial: dial, backend: backend, metrics: metrics, audit: audit, roots: roots}
 }
 
+// csrFor is catest.CSRPEM as the string the Istio API carries.
 func csrFor(t *testing.T, key crypto.Signer, edit func(*x509.CertificateRequest), uris ...string) string {
 	t.Helper()
-	tmpl := &x509.CertificateRequest{}
-	for _, u := range uris {
-		pu, err := url.Parse(u)
-		require.NoError(t, err)
-		tmpl.URIs = append(tmpl.URIs, pu)
-	}
-	if edit != nil {
-		edit(tmpl)
-	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
-	require.NoError(t, err)
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	return string(catest.CSRPEM(t, key, edit, uris...))
 }
 
 func bearer(t *testing.T, tok string) context.Context {
@@ -210,8 +196,7 @@ const webID = "spiffe://cluster.local/ns/demo/sa/web"
 
 func TestCreateCertificate(t *testing.T) {
 	f := newFixture(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 24 * time.Hour, MinTTL: time.Hour, MaxTTL: 48 * time.Hour}})
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
+	key := catest.Key(t, "P-256")
 	resp, err := f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{
 		Csr: csrFor(t, key, nil, webID), ValidityDuration: int64((2 * time.Hour).Seconds()),
 	})
@@ -249,8 +234,7 @@ func TestCreateCertificate(t *testing.T) {
 	require.Equal(t, 1.0, testutil.ToFloat64(f.metrics.Requests.WithLabelValues("istio", "OK")))
 
 	// An RSA key gets keyEncipherment too.
-	rk, err := rsa.GenerateKey(rand.Reader, 2048)
-	require.NoError(t, err)
+	rk := catest.Key(t, "RSA-2048")
 	resp, err = f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{Csr: csrFor(t, rk, nil, webID)})
 	require.NoError(t, err)
 	leaf = parseChain(t, resp.CertChain)[0]
@@ -260,12 +244,9 @@ func TestCreateCertificate(t *testing.T) {
 
 func TestCreateCertificateBadInput(t *testing.T) {
 	f := newFixture(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 24 * time.Hour, MinTTL: time.Hour, MaxTTL: 48 * time.Hour}})
-	p256, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	p224, err := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
-	require.NoError(t, err)
-	rsa1024, err := rsa.GenerateKey(rand.Reader, 1024)
-	require.NoError(t, err)
+	p256 := catest.Key(t, "P-256")
+	p224 := catest.Key(t, "P-224")
+	rsa1024 := catest.Key(t, "RSA-1024")
 	good := csrFor(t, p256, nil, webID)
 	block, _ := pem.Decode([]byte(good))
 	broken := append([]byte(nil), block.Bytes...)
@@ -333,8 +314,7 @@ func TestCreateCertificateBadInput(t *testing.T) {
 
 func TestCreateCertificateClampsValidity(t *testing.T) {
 	f := newFixture(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 24 * time.Hour, MinTTL: time.Hour, MaxTTL: 48 * time.Hour}})
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
+	key := catest.Key(t, "P-256")
 	csr := csrFor(t, key, nil, webID)
 	tests := []struct {
 		name     string
@@ -360,11 +340,10 @@ func TestCreateCertificateClampsValidity(t *testing.T) {
 
 func TestCreateCertificateBackendOutage(t *testing.T) {
 	f := newFixture(t, nil)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
+	key := catest.Key(t, "P-256")
 	req := &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)}
 	f.backend.down.Store(true)
-	_, err = f.client.CreateCertificate(bearer(t, "tok-web"), req)
+	_, err := f.client.CreateCertificate(bearer(t, "tok-web"), req)
 	st := status.Convert(err)
 	require.Equal(t, codes.Unavailable, st.Code())
 	require.NotContains(t, st.Message(), "connection refused", "backend detail goes to the log, not the client")
@@ -377,8 +356,7 @@ func TestCreateCertificateBackendOutage(t *testing.T) {
 
 func TestCreateCertificateRenewWithClientCert(t *testing.T) {
 	f := newFixture(t, nil)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
+	key := catest.Key(t, "P-256")
 	resp, err := f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)})
 	require.NoError(t, err)
 	certs := parseChain(t, resp.CertChain)

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 
+	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/test/pilotagent"
 )
 
@@ -93,7 +94,7 @@ func TestBadCredentials(t *testing.T) {
 			client := m.client(t)
 			ns := "bad-" + mode.name
 			env.CreateServiceAccount(t, ns, "web")
-			key := newKey(t)
+			key := catest.Key(t, "P-256")
 			goodCSR := csrPEM(t, key, spiffeID(ns, "web"))
 			good := env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil)
 
@@ -218,7 +219,7 @@ func TestPolicyReloadAndExplain(t *testing.T) {
 	env.CreateServiceAccount(t, "pol", "web")
 	tok := env.Token(t, "pol", "web", []string{"istio-ca"}, time.Hour, nil)
 	client := m.client(t)
-	csr := csrPEM(t, newKey(t), spiffeID("pol", "web"))
+	csr := csrPEM(t, catest.Key(t, "P-256"), spiffeID("pol", "web"))
 	life := func(validity int64) time.Duration {
 		t.Helper()
 		resp, err := client.CreateCertificate(withToken(t.Context(), tok), &pb.IstioCertificateRequest{Csr: csr, ValidityDuration: validity})

@@ -7,9 +7,6 @@ import (
 	"bufio"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/tls"
@@ -20,7 +17,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -41,6 +37,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
+	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/test/kubeenv"
 	"github.com/meshca/meshca/test/pilotagent"
 )
@@ -266,24 +263,11 @@ func withToken(ctx context.Context, tok string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
 }
 
-func newKey(t *testing.T) crypto.Signer {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	return k
-}
-
+// csrPEM is catest.CSRPEM for one SPIFFE ID and some DNS names, as the
+// string the Istio API carries.
 func csrPEM(t *testing.T, key crypto.Signer, uri string, dns ...string) string {
 	t.Helper()
-	tmpl := &x509.CertificateRequest{DNSNames: dns}
-	if uri != "" {
-		u, err := url.Parse(uri)
-		require.NoError(t, err)
-		tmpl.URIs = []*url.URL{u}
-	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
-	require.NoError(t, err)
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	return string(catest.CSRPEM(t, key, func(r *x509.CertificateRequest) { r.DNSNames = dns }, uri))
 }
 
 func spiffeID(ns, sa string) string { return "spiffe://cluster.local/ns/" + ns + "/sa/" + sa }

@@ -2,12 +2,9 @@ package e2e
 
 import (
 	"crypto"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"os"
 	"path/filepath"
 	"testing"
@@ -15,26 +12,9 @@ import (
 
 	"github.com/stretchr/testify/require"
 	pb "istio.io/api/security/v1alpha1"
-)
 
-func caCert(t *testing.T, cn string, key crypto.Signer, parent *x509.Certificate, parentKey crypto.Signer) *x509.Certificate {
-	t.Helper()
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
-	require.NoError(t, err)
-	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{CommonName: cn, Organization: []string{"e2e"}},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(30 * 24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	if parent == nil {
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
-	require.NoError(t, err)
-	c, err := x509.ParseCertificate(der)
-	require.NoError(t, err)
-	return c
-}
+	"github.com/meshca/meshca/ca/catest"
+)
 
 func certPEM(c *x509.Certificate) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
@@ -62,10 +42,12 @@ func writeCacerts(t *testing.T, dir string, root, inter *x509.Certificate, inter
 // running meshca: new leaves come from the new intermediate, a broken set
 // is refused and counted, and the last good one keeps signing.
 func TestPluggedCARotatesWithoutRestart(t *testing.T) {
-	rootKey, k1, k2 := newKey(t), newKey(t), newKey(t)
-	root := caCert(t, "e2e root", rootKey, nil, nil)
-	inter1 := caCert(t, "intermediate one", k1, root, rootKey)
-	inter2 := caCert(t, "intermediate two", k2, root, rootKey)
+	rootKey, k1, k2 := catest.Key(t, "P-256"), catest.Key(t, "P-256"), catest.Key(t, "P-256")
+	now := time.Now()
+	notBefore, notAfter := now.Add(-time.Hour), now.Add(30*24*time.Hour)
+	root := catest.Issue(t, catest.CATemplate("e2e root", notBefore, notAfter), rootKey, nil, nil)
+	inter1 := catest.Issue(t, catest.CATemplate("intermediate one", notBefore, notAfter), k1, root, rootKey)
+	inter2 := catest.Issue(t, catest.CATemplate("intermediate two", notBefore, notAfter), k2, root, rootKey)
 	dir := t.TempDir()
 	writeCacerts(t, dir, root, inter1, k1)
 
@@ -75,7 +57,7 @@ func TestPluggedCARotatesWithoutRestart(t *testing.T) {
 	env.CreateServiceAccount(t, "plugged", "web")
 	tok := env.Token(t, "plugged", "web", []string{"istio-ca"}, time.Hour, nil)
 	client := m.client(t)
-	csr := csrPEM(t, newKey(t), spiffeID("plugged", "web"))
+	csr := csrPEM(t, catest.Key(t, "P-256"), spiffeID("plugged", "web"))
 	issuer := func() string {
 		t.Helper()
 		resp, err := client.CreateCertificate(withToken(t.Context(), tok), &pb.IstioCertificateRequest{Csr: csr})
