@@ -202,6 +202,10 @@ func TestServingAndHealth(t *testing.T) {
 
 	require.Greater(t, m.metric(t, fmt.Sprintf(`meshca_ca_cert_expiry_timestamp_seconds{role="serving",serial=%q}`, leaf.SerialNumber.Text(16))), float64(time.Now().Unix()))
 	require.Greater(t, m.metric(t, "process_resident_memory_bytes"), 0.0)
+
+	// SIGTERM: health turns NOT_SERVING, in-flight work drains, exit 0.
+	require.NoError(t, m.stop(t))
+	require.Contains(t, readFile(t, m.logPath), `"msg":"meshca stopped"`)
 }
 
 // TestPolicyReloadAndExplain changes the policy file under a running meshca.

@@ -14,6 +14,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -22,6 +23,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -135,6 +137,29 @@ type meshca struct {
 	roots     *x509.CertPool
 	auditPath string
 	logPath   string
+	cmd       *exec.Cmd
+	exited    chan error
+	exitErr   error
+	stopped   bool
+}
+
+// stop sends SIGTERM and returns how the process exited. It is idempotent.
+func (m *meshca) stop(t *testing.T) error {
+	t.Helper()
+	if m.stopped {
+		return m.exitErr
+	}
+	m.stopped = true
+	_ = m.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case m.exitErr = <-m.exited:
+	case <-time.After(15 * time.Second):
+		_ = m.cmd.Process.Kill()
+		<-m.exited
+		t.Errorf("meshca did not stop within 15s of SIGTERM")
+		m.exitErr = errors.New("killed")
+	}
+	return m.exitErr
 }
 
 // startMeshca runs the meshca binary with the given YAML (server addresses,
@@ -170,14 +195,9 @@ audit:
 	require.NoError(t, cmd.Start())
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	m.cmd, m.exited = cmd, exited
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
+		_ = m.stop(t)
 		logf.Close()
 		if t.Failed() {
 			b, _ := os.ReadFile(m.logPath)
