@@ -108,6 +108,8 @@ type server struct {
 	grpc      *grpc.Server
 	runners   map[string]ca.Runner
 	saIndex   *kube.ServiceAccountIndex
+	jwt       *kube.JWT
+	notReady  atomic.Pointer[string]
 	auditFile *os.File
 	ready     atomic.Bool
 	pprof     bool
@@ -273,12 +275,13 @@ func (s *server) authenticators(ctx context.Context, cfg *config.Config, td spif
 		case config.AuthClientCert:
 			a, err = authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: s.backend.TrustBundle, ServiceAccounts: lookup})
 		case config.AuthJWT:
-			a, err = kube.NewJWT(kube.JWTConfig{
+			s.jwt, err = kube.NewJWT(kube.JWTConfig{
 				TrustDomain: td, Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,
 				JWKSFile: cfg.Authn.JWT.JWKSFile, JWKSURL: cfg.Authn.JWT.JWKSURL, Kube: restCfg,
 				Skew: cfg.Authn.JWT.Skew, RefetchInterval: cfg.Authn.JWT.RefetchInterval,
 				Cache: cache, ServiceAccounts: lookup, Log: log.With("component", "jwt"), Registerer: s.reg,
 			})
+			a = s.jwt
 		case config.AuthTokenReview:
 			a, err = kube.NewTokenReview(kube.TokenReviewConfig{
 				Client: client, TrustDomain: td, Audiences: cfg.Authn.Audiences, Issuer: s.reviewIssuer(ctx, cfg, restCfg, log),
@@ -358,15 +361,44 @@ func (s *server) run(ctx context.Context) error {
 	return g.Wait()
 }
 
-// becomeReady reports SERVING once the service-account watch has synced.
+// becomeReady reports SERVING once the service-account watch has synced
+// and the jwt authenticator holds its issuer's keys. Until then /readyz
+// says what is missing, so a wrong JWKS path or missing RBAC shows at
+// once rather than as failed requests.
 func (s *server) becomeReady(ctx context.Context) error {
-	for s.saIndex != nil && !s.saIndex.HasSynced() {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(100 * time.Millisecond):
+	wait := func(what string, done func(context.Context) error) bool {
+		for {
+			err := done(ctx)
+			if err == nil {
+				return true
+			}
+			msg := what + ": " + err.Error()
+			if prev := s.notReady.Swap(&msg); prev == nil || *prev != msg {
+				s.log.Warn("not ready", "waiting_for", what, "err", err)
+			}
+			select {
+			case <-ctx.Done():
+				return false
+			case <-time.After(time.Second):
+			}
 		}
 	}
+	if s.saIndex != nil && !wait("service-account watch", func(context.Context) error {
+		if !s.saIndex.HasSynced() {
+			return errors.New("not synced yet")
+		}
+		return nil
+	}) {
+		return nil
+	}
+	if s.jwt != nil && !wait("jwt keys", func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		return s.jwt.Refresh(ctx)
+	}) {
+		return nil
+	}
+	s.notReady.Store(nil)
 	s.ready.Store(true)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.log.Info("meshca ready")
@@ -411,7 +443,11 @@ func (s *server) adminMux() *http.ServeMux {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		var problems []string
 		if !s.ready.Load() {
-			problems = append(problems, "starting: service-account watch not synced")
+			why := "starting"
+			if p := s.notReady.Load(); p != nil {
+				why = "waiting for " + *p
+			}
+			problems = append(problems, why)
 		}
 		if leaf := s.serving.Leaf(); time.Now().After(leaf.NotAfter) {
 			problems = append(problems, "serving certificate expired")

@@ -3,7 +3,9 @@ package e2e
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -297,4 +300,32 @@ func TestConfigErrors(t *testing.T) {
 	out, err := exec.Command(filepath.Join(binDir, "meshca"), "serve", "--config", cfg).CombinedOutput()
 	require.Error(t, err)
 	require.Contains(t, string(out), "authn.jwt.jwksFil: unknown key")
+}
+
+// TestReadinessWaitsForKeys starts meshca with a JWKS file that does not
+// exist yet: it must say so on /readyz and in gRPC health, and become ready
+// once the file appears, without a restart.
+func TestReadinessWaitsForKeys(t *testing.T) {
+	jwks := filepath.Join(t.TempDir(), "jwks.json")
+	m := launchMeshca(t, fmt.Sprintf("authn:\n  chain: [jwt]\n  checkServiceAccounts: false\n  issuer: https://issuer.invalid\n  jwt:\n    jwksFile: %s\n    refetchInterval: 1s\n", jwks))
+	require.Eventually(t, func() bool {
+		code, body := m.readyz()
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "jwt keys")
+	}, 20*time.Second, 50*time.Millisecond)
+
+	gc, err := grpc.NewClient(m.grpcAddr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: m.roots, ServerName: "127.0.0.1"})))
+	require.NoError(t, err)
+	defer gc.Close()
+	resp, err := healthpb.NewHealthClient(gc).Check(t.Context(), &healthpb.HealthCheckRequest{})
+	require.NoError(t, err)
+	require.Equal(t, healthpb.HealthCheckResponse_NOT_SERVING, resp.Status)
+
+	key := catest.Key(t, "P-256")
+	data, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: key.Public(), KeyID: "k1", Algorithm: "ES256", Use: "sig"}}})
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(jwks, data, 0o644))
+	m.waitReady(t, 20*time.Second)
+	resp, err = healthpb.NewHealthClient(gc).Check(t.Context(), &healthpb.HealthCheckRequest{})
+	require.NoError(t, err)
+	require.Equal(t, healthpb.HealthCheckResponse_SERVING, resp.Status)
 }

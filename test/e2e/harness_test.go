@@ -16,6 +16,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -166,6 +167,14 @@ func (m *meshca) stop(t *testing.T) error {
 // backend dir and audit file are filled in) and waits until it is ready.
 func startMeshca(t *testing.T, yaml string) *meshca {
 	t.Helper()
+	m := launchMeshca(t, yaml)
+	m.waitReady(t, 30*time.Second)
+	return m
+}
+
+// launchMeshca is startMeshca without waiting for readiness.
+func launchMeshca(t *testing.T, yaml string) *meshca {
+	t.Helper()
 	dir := t.TempDir()
 	m := &meshca{
 		dir:       dir,
@@ -204,34 +213,49 @@ audit:
 			t.Logf("meshca log:\n%s", b)
 		}
 	})
-	deadline := time.Now().Add(30 * time.Second)
+	if !strings.Contains(yaml, "backend:") {
+		// The selfsigned root is written before meshca listens.
+		require.Eventually(t, func() bool {
+			m.rootPEM, err = os.ReadFile(filepath.Join(dir, "ca", "root-cert.pem"))
+			return err == nil
+		}, 30*time.Second, 20*time.Millisecond)
+		m.roots = x509.NewCertPool()
+		require.True(t, m.roots.AppendCertsFromPEM(m.rootPEM))
+	}
+	return m
+}
+
+// readyz returns the admin endpoint's status code and body (0 when down).
+func (m *meshca) readyz() (int, string) {
+	resp, err := http.Get(m.adminURL + "/readyz")
+	if err != nil {
+		return 0, ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func (m *meshca) waitReady(t *testing.T, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
-		resp, err := http.Get(m.adminURL + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
+		if code, _ := m.readyz(); code == http.StatusOK {
+			return
 		}
 		select {
-		case err := <-exited:
+		case err := <-m.exited:
+			m.stopped, m.exitErr = true, err
 			b, _ := os.ReadFile(m.logPath)
 			t.Fatalf("meshca exited before ready: %v\n%s", err, b)
 		default:
 		}
 		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(m.logPath)
-			t.Fatalf("meshca not ready in 30s\n%s", b)
+			t.Fatalf("meshca not ready in %s\n%s", timeout, b)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if !strings.Contains(yaml, "backend:") {
-		m.rootPEM, err = os.ReadFile(filepath.Join(dir, "ca", "root-cert.pem"))
-		require.NoError(t, err)
-		m.roots = x509.NewCertPool()
-		require.True(t, m.roots.AppendCertsFromPEM(m.rootPEM))
-	}
-	return m
 }
 
 func (m *meshca) client(t *testing.T) pb.IstioCertificateServiceClient {
