@@ -33,6 +33,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
 
 	"github.com/meshca/meshca/authn"
 	"github.com/meshca/meshca/authn/kube"
@@ -75,16 +76,28 @@ func serveCmd(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(cfg.Log, stderr)
-	srv, err := newServer(ctx, cfg, log)
-	if err == nil {
-		srv.pprof = *pprof
+	// client-go logs through klog; route it into the same structured log.
+	klog.SetSlogLogger(log.With("component", "client-go"))
+	// Bind first: a second meshca on the same ports must fail before it
+	// touches anything (in dev mode, the root file a running one serves).
+	grpcLis, err := net.Listen("tcp", cfg.Server.GRPCAddress)
+	if err != nil {
+		return fmt.Errorf("listen gRPC: %w", err)
 	}
+	defer grpcLis.Close()
+	adminLis, err := net.Listen("tcp", cfg.Server.AdminAddress)
+	if err != nil {
+		return fmt.Errorf("listen admin: %w", err)
+	}
+	defer adminLis.Close()
+	srv, err := newServer(ctx, cfg, log)
 	if err != nil {
 		log.Error("meshca failed to start", "err", err)
 		return err
 	}
+	srv.pprof = *pprof
 	defer srv.close()
-	return srv.run(ctx)
+	return srv.run(ctx, grpcLis, adminLis)
 }
 
 func newLogger(c config.Log, w io.Writer) *slog.Logger {
@@ -314,16 +327,7 @@ func kubeConfig(path string) (*rest.Config, error) {
 	return c, nil
 }
 
-func (s *server) run(ctx context.Context) error {
-	grpcLis, err := net.Listen("tcp", s.cfg.Server.GRPCAddress)
-	if err != nil {
-		return fmt.Errorf("listen gRPC: %w", err)
-	}
-	adminLis, err := net.Listen("tcp", s.cfg.Server.AdminAddress)
-	if err != nil {
-		grpcLis.Close()
-		return fmt.Errorf("listen admin: %w", err)
-	}
+func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	admin := &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
 	s.log.Info("meshca serving", "grpc", grpcLis.Addr().String(), "admin", adminLis.Addr().String(),
 		"backend", s.cfg.Backend.Type, "authn", strings.Join(s.cfg.Authn.Chain, ","), "trust_domain", s.cfg.TrustDomain)
