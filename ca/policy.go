@@ -208,7 +208,8 @@ func (p *Policy) Validate() error {
 			errs = append(errs, fmt.Errorf("%s: minTTL %s (from %s) exceeds maxTTL %s (from %s)", path, e.MinTTL, e.Source["minTTL"], e.MaxTTL, e.Source["maxTTL"]))
 		}
 		if e.DefaultTTL < e.MinTTL || e.DefaultTTL > e.MaxTTL {
-			errs = append(errs, fmt.Errorf("%s: defaultTTL %s (from %s) is outside [minTTL %s, maxTTL %s]", path, e.DefaultTTL, e.Source["defaultTTL"], e.MinTTL, e.MaxTTL))
+			errs = append(errs, fmt.Errorf("%s: defaultTTL %s (from %s) is outside [minTTL %s (from %s), maxTTL %s (from %s)]",
+				path, e.DefaultTTL, e.Source["defaultTTL"], e.MinTTL, e.Source["minTTL"], e.MaxTTL, e.Source["maxTTL"]))
 		}
 		if e.RenewJitter >= e.MinTTL {
 			errs = append(errs, fmt.Errorf("%s: renewJitter %s (from %s) must be shorter than minTTL %s (from %s)", path, e.RenewJitter, e.Source["renewJitter"], e.MinTTL, e.Source["minTTL"]))

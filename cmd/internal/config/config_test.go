@@ -101,6 +101,8 @@ serviceAccounts:
 	require.ErrorContains(t, err, "namespaces.payments.maxTTl: unknown key")
 	_, err = ParsePolicy([]byte("default:\n  renewFraction: 3\n"))
 	require.ErrorContains(t, err, "default.renewFraction")
+	_, err = ParsePolicy([]byte("  \n# nothing\n"))
+	require.Error(t, err, "an empty (or comment-only) policy is refused")
 }
 
 func TestPolicyWatcherReloads(t *testing.T) {
@@ -127,25 +129,38 @@ func TestPolicyWatcherReloads(t *testing.T) {
 		ttl := func() time.Duration { return store.Policy().Resolve("a", "b").DefaultTTL }
 
 		require.Equal(t, 12*time.Hour, ttl())
-		time.Sleep(6 * time.Second)
+		time.Sleep(11 * time.Second) // two checks: seen, then settled
 		synctest.Wait()
 		require.Equal(t, 11*time.Hour, ttl(), "the edit made before Run is applied")
-		time.Sleep(10 * time.Second)
+		time.Sleep(20 * time.Second)
 		synctest.Wait()
 		require.Len(t, results, 1, "an unchanged file is not reloaded again")
 
 		write("default:\n  defaultTTL: 6h\n")
 		time.Sleep(5 * time.Second)
 		synctest.Wait()
+		require.Equal(t, 11*time.Hour, ttl(), "a change seen once is not applied yet")
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		require.Equal(t, 6*time.Hour, ttl())
+
+		// A file caught half-written (here: truncated) between two checks
+		// is never applied.
+		write("")
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		write("default:\n  defaultTTL: 6h\n")
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
 		require.Equal(t, 6*time.Hour, ttl())
 
 		write("default:\n  defaultTTL: 6h\n  renewFraction: 7\n")
-		time.Sleep(15 * time.Second)
+		time.Sleep(30 * time.Second)
 		synctest.Wait()
 		require.Equal(t, 6*time.Hour, ttl(), "the last good policy stays in force")
 
 		write("default:\n  defaultTTL: 2h\n")
-		time.Sleep(5 * time.Second)
+		time.Sleep(10 * time.Second)
 		synctest.Wait()
 		require.Equal(t, 2*time.Hour, ttl())
 

@@ -3,16 +3,25 @@ package config
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"time"
 
+	"go.yaml.in/yaml/v3"
+
 	"github.com/meshca/meshca/ca"
 )
 
-// ParsePolicy strictly decodes and validates a rotation policy.
+// ParsePolicy strictly decodes and validates a rotation policy. An empty
+// document is refused: it is far more often a truncated file than a wish
+// for the built-in defaults, which `default: {}` states explicitly.
 func ParsePolicy(data []byte) (*ca.Policy, error) {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err == nil && len(doc.Content) == 0 {
+		return nil, errors.New("policy file is empty; write `default: {}` for the built-in defaults")
+	}
 	var p ca.Policy
 	if err := decodeStrict(data, &p); err != nil {
 		return nil, err
@@ -59,9 +68,11 @@ type PolicyWatcher struct {
 	Log      *slog.Logger
 }
 
-// Run checks the file every Interval until ctx is done. A new policy that
-// fails to parse or validate is logged and reported, and the last good one
-// stays in force; the same bad contents are not reported again.
+// Run checks the file every Interval until ctx is done. A change is put in
+// force only once two checks in a row read the same new contents, so a file
+// caught half-written is never applied. A new policy that fails to parse or
+// validate is logged and reported, and the last good one stays in force;
+// the same bad contents are not reported again.
 func (w *PolicyWatcher) Run(ctx context.Context) error {
 	if w.Interval <= 0 {
 		w.Interval = 5 * time.Second
@@ -70,10 +81,13 @@ func (w *PolicyWatcher) Run(ctx context.Context) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	last := w.Loaded
+	last := w.Loaded // the contents last acted on
 	if last == nil {
 		last, _ = os.ReadFile(w.Path)
 	}
+	// pending holds changed contents seen once, waiting to settle. It is a
+	// pointer because empty contents are a state of their own, not "none".
+	var pending *[]byte
 	t := time.NewTicker(w.Interval)
 	defer t.Stop()
 	for {
@@ -87,14 +101,19 @@ func (w *PolicyWatcher) Run(ctx context.Context) error {
 			if last != nil {
 				log.Error("policy file unreadable; keeping the policy in force", "path", w.Path, "err", err)
 				w.report(err)
-				last = nil
+				last, pending = nil, nil
 			}
 			continue
 		}
 		if bytes.Equal(data, last) {
+			pending = nil
 			continue
 		}
-		last = data
+		if pending == nil || !bytes.Equal(data, *pending) {
+			pending = &data
+			continue
+		}
+		last, pending = data, nil
 		p, err := ParsePolicy(data)
 		if err == nil {
 			err = w.Store.Store(p)
