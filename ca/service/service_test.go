@@ -286,9 +286,28 @@ func TestCreateCertificateBadInput(t *testing.T) {
 		{name: "CSR over 64 KiB", ctx: bearer(t, "tok-web"), csr: strings.Repeat("A", 65<<10), wantCode: codes.InvalidArgument, wantMsg: "limit is 65536", wantReason: ca.CSRTooLarge},
 		{name: "negative validity", ctx: bearer(t, "tok-web"), csr: good, validity: -60, wantCode: codes.InvalidArgument, wantMsg: "validity_duration is -60", wantReason: "bad_request"},
 	}
+	// The counter each refusal must move: an authentication failure (by the
+	// authenticator that decided, "none" when none did) or a CSR rejection.
+	authnBy := map[string]string{"no_credentials": "none", "malformed": "none", "bad_signature": "table", "unavailable": "table"}
+	reasonCounter := func(reason string) prometheus.Counter {
+		if by, ok := authnBy[reason]; ok {
+			return f.metrics.AuthnFailures.WithLabelValues(by, reason)
+		}
+		if reason == "bad_request" {
+			return nil
+		}
+		return f.metrics.CSRRejections.WithLabelValues(reason)
+	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			before := len(f.audit.lines(t))
+			codeCount := f.metrics.Requests.WithLabelValues("istio", tc.wantCode.String())
+			codeBefore := testutil.ToFloat64(codeCount)
+			rc := reasonCounter(tc.wantReason)
+			var reasonBefore float64
+			if rc != nil {
+				reasonBefore = testutil.ToFloat64(rc)
+			}
 			_, err := f.client.CreateCertificate(tc.ctx, &pb.IstioCertificateRequest{Csr: tc.csr, ValidityDuration: tc.validity})
 			st := status.Convert(err)
 			require.Equal(t, tc.wantCode, st.Code(), st.Message())
@@ -299,6 +318,10 @@ func TestCreateCertificateBadInput(t *testing.T) {
 			require.Equal(t, "refused", lines[before]["result"])
 			require.Equal(t, tc.wantCode.String(), lines[before]["code"])
 			require.Equal(t, tc.wantReason, lines[before]["reason"])
+			require.Equal(t, codeBefore+1, testutil.ToFloat64(codeCount), "requests_total by code")
+			if rc != nil {
+				require.Equal(t, reasonBefore+1, testutil.ToFloat64(rc), "the reason's counter")
+			}
 			// The server keeps serving.
 			_, err = f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{Csr: good})
 			require.NoError(t, err)
@@ -352,6 +375,7 @@ func TestCreateCertificateBackendOutage(t *testing.T) {
 	require.NoError(t, err, "recovers when the backend does")
 	lines := f.audit.lines(t)
 	require.Equal(t, "backend_unavailable", lines[0]["reason"])
+	require.Equal(t, 1.0, testutil.ToFloat64(f.metrics.Requests.WithLabelValues("istio", "Unavailable")))
 }
 
 func TestCreateCertificateRenewWithClientCert(t *testing.T) {
@@ -391,4 +415,20 @@ func TestCreateCertificateRenewWithClientCert(t *testing.T) {
 	st := status.Convert(err)
 	require.Equal(t, codes.Unauthenticated, st.Code())
 	require.Contains(t, st.Message(), authn.ReasonUntrustedCert)
+}
+
+// TestAuditReasonsAreUnambiguous guards the audit trail's `reason`: an
+// authentication reason and a CSR reason must never share a value, or a
+// line could not say which check refused the request.
+func TestAuditReasonsAreUnambiguous(t *testing.T) {
+	authnReasons := []string{authn.ReasonNoCredentials, authn.ReasonMalformed, authn.ReasonExpired, authn.ReasonNotYetValid,
+		authn.ReasonWrongAudience, authn.ReasonUnknownIssuer, authn.ReasonBadSignature, authn.ReasonUnknownKey,
+		authn.ReasonNotServiceAccount, authn.ReasonServiceAccountGone, authn.ReasonRejected, authn.ReasonUntrustedCert, authn.ReasonUnavailable}
+	other := []string{ca.CSRTooLarge, ca.CSREmpty, ca.CSRNotPEM, ca.CSRMalformed, ca.CSRBadSignature, ca.CSRRequestsCA,
+		ca.CSRForbiddenExtension, ca.CSRKeyType, "identity_mismatch", "bad_request", "backend_unavailable", "internal"}
+	seen := map[string]bool{}
+	for _, r := range append(authnReasons, other...) {
+		require.False(t, seen[r], "reason %q is used twice", r)
+		seen[r] = true
+	}
 }
