@@ -145,7 +145,6 @@ func waitIndex(t *testing.T, idx ServiceAccountLookup, ns, name, uid string) {
 
 // outcome is what one authenticator should answer.
 type outcome struct {
-	skip   string // why this case does not apply
 	ok     bool   // success; the Caller is checked against the case's objects
 	reason string // the authn.Error reason expected
 	err    error  // the sentinel expected when there is no reason
@@ -350,9 +349,6 @@ func TestKubeAuthenticators(t *testing.T) {
 			for i, c := range kubeCases() {
 				t.Run(c.name, func(t *testing.T) {
 					want := a.want(c)
-					if want.skip != "" {
-						t.Skip(want.skip)
-					}
 					sa := fmt.Sprintf("%s-%d", a.name, i)
 					f := &kubeFixture{env: env, index: index, ns: ns, sa: env.CreateServiceAccount(t, ns, sa)}
 					waitIndex(t, index, ns, sa, string(f.sa.UID))

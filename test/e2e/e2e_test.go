@@ -101,9 +101,22 @@ func TestBadCredentials(t *testing.T) {
 			goodCSR := csrPEM(t, key, spiffeID(ns, "web"))
 			good := env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil)
 
+			// meshca learns of service accounts through a watch: wait until it
+			// has seen "web" (the first good request succeeds), and until it
+			// has seen "gone" deleted.
+			require.Eventually(t, func() bool {
+				_, err := client.CreateCertificate(withToken(t.Context(), good), &pb.IstioCertificateRequest{Csr: goodCSR})
+				return err == nil
+			}, 20*time.Second, 50*time.Millisecond)
 			env.CreateServiceAccount(t, ns, "gone")
 			goneTok := env.Token(t, ns, "gone", []string{"istio-ca"}, time.Hour, nil)
+			goneCSR := csrPEM(t, key, spiffeID(ns, "gone"))
 			env.DeleteServiceAccount(t, ns, "gone")
+			require.Eventually(t, func() bool {
+				_, err := client.CreateCertificate(withToken(t.Context(), goneTok), &pb.IstioCertificateRequest{Csr: goneCSR})
+				return status.Code(err) == codes.Unauthenticated
+			}, 20*time.Second, 50*time.Millisecond)
+			okBefore := m.metric(t, `meshca_requests_total{code="OK",service="istio"}`)
 
 			now := time.Now()
 			kubeClaim := map[string]any{"kubernetes.io": map[string]any{
@@ -127,11 +140,11 @@ func TestBadCredentials(t *testing.T) {
 				wantReason string // the audit line's reason ("" = don't care)
 			}{
 				{"no token", "", goodCSR, codes.Unauthenticated, "no_credentials"},
-				{"malformed token", "not.a.jwt", goodCSR, codes.Unauthenticated, ""},
+				{"malformed token", "not.a.jwt", goodCSR, codes.Unauthenticated, "malformed"},
 				{"expired token", expired, goodCSR, codes.Unauthenticated, "expired"},
 				{"wrong audience", env.Token(t, ns, "web", []string{"some-other-api"}, time.Hour, nil), goodCSR, codes.Unauthenticated, "wrong_audience"},
 				{"wrong issuer", otherIssuer, goodCSR, codes.Unauthenticated, "unknown_issuer"},
-				{"deleted service account", goneTok, csrPEM(t, key, spiffeID(ns, "gone")), codes.Unauthenticated, ""},
+				{"deleted service account", goneTok, goneCSR, codes.Unauthenticated, map[string]string{"jwt": "service_account_deleted", "tokenreview": "rejected"}[mode.name]},
 				{"CSR for another service account", good, csrPEM(t, key, spiffeID(ns, "admin")), codes.PermissionDenied, "identity_mismatch"},
 				{"CSR for another namespace", good, csrPEM(t, key, spiffeID("kube-system", "web")), codes.PermissionDenied, "identity_mismatch"},
 				{"CSR with extra DNS SAN", good, csrPEM(t, key, spiffeID(ns, "web"), "bank.example"), codes.PermissionDenied, "identity_mismatch"},
@@ -166,13 +179,14 @@ func TestBadCredentials(t *testing.T) {
 			require.Equal(t, 1.0, m.metric(t, fmt.Sprintf(`meshca_authn_failures_total{authenticator=%q,reason="expired"}`, mode.name)))
 			require.Equal(t, 3.0, m.metric(t, `meshca_csr_rejections_total{reason="identity_mismatch"}`))
 			require.Equal(t, 3.0, m.metric(t, `meshca_requests_total{code="PermissionDenied",service="istio"}`))
-			require.Equal(t, float64(len(tests)), m.metric(t, `meshca_requests_total{code="OK",service="istio"}`))
+			require.Equal(t, okBefore+float64(len(tests)), m.metric(t, `meshca_requests_total{code="OK",service="istio"}`))
 			// Beyond the 64 KiB CSR limit the handler answers; beyond gRPC's
 			// own 256 KiB message limit gRPC does. Either way meshca goes on.
 			for size, want := range map[int]codes.Code{100 << 10: codes.InvalidArgument, 300 << 10: codes.ResourceExhausted} {
 				_, err := client.CreateCertificate(withToken(t.Context(), good), &pb.IstioCertificateRequest{Csr: strings.Repeat("A", size)})
 				require.Equal(t, want, status.Code(err), "CSR of %d bytes", size)
 			}
+			require.Equal(t, 1.0, m.metric(t, `meshca_csr_rejections_total{reason="too_large"}`), "gRPC refuses the 300 KiB one before meshca sees it")
 			_, err := client.CreateCertificate(withToken(t.Context(), good), &pb.IstioCertificateRequest{Csr: goodCSR})
 			require.NoError(t, err)
 			for _, tc := range tests {
@@ -206,7 +220,7 @@ func TestServingAndHealth(t *testing.T) {
 	require.Greater(t, m.metric(t, fmt.Sprintf(`meshca_ca_cert_expiry_timestamp_seconds{role="serving",serial=%q}`, leaf.SerialNumber.Text(16))), float64(time.Now().Unix()))
 	require.Greater(t, m.metric(t, "process_resident_memory_bytes"), 0.0)
 
-	// SIGTERM: health turns NOT_SERVING, in-flight work drains, exit 0.
+	// SIGTERM: a clean shutdown and exit status 0.
 	require.NoError(t, m.stop(t))
 	require.Contains(t, readFile(t, m.logPath), `"msg":"meshca stopped"`)
 }
@@ -214,7 +228,11 @@ func TestServingAndHealth(t *testing.T) {
 // TestPolicyReloadAndExplain changes the policy file under a running meshca.
 func TestPolicyReloadAndExplain(t *testing.T) {
 	policyPath := filepath.Join(t.TempDir(), "policy.yaml")
-	write := func(s string) { require.NoError(t, os.WriteFile(policyPath, []byte(s), 0o644)) }
+	write := func(s string) { // as a ConfigMap update does: a complete new file renamed in
+		tmp := policyPath + ".new"
+		require.NoError(t, os.WriteFile(tmp, []byte(s), 0o644))
+		require.NoError(t, os.Rename(tmp, policyPath))
+	}
 	write("default:\n  defaultTTL: 12h\nnamespaces:\n  pol:\n    defaultTTL: 3h\n    maxTTL: 4h\n")
 	m := startMeshca(t, fmt.Sprintf("authn:\n  chain: [jwt]\n  kubeconfig: %s\npolicy:\n  file: %s\n  reloadInterval: 200ms\n", meshcaKubeconfig(t), policyPath))
 
@@ -234,6 +252,10 @@ func TestPolicyReloadAndExplain(t *testing.T) {
 		leaf := parseCerts(t, resp.CertChain)[0]
 		return leaf.NotAfter.Sub(leaf.NotBefore).Truncate(time.Minute)
 	}
+	require.Eventually(t, func() bool { // once meshca's watch has seen the service account
+		_, err := client.CreateCertificate(withToken(t.Context(), tok), &pb.IstioCertificateRequest{Csr: csr})
+		return err == nil
+	}, 20*time.Second, 50*time.Millisecond)
 	require.Equal(t, 3*time.Hour, life(0))
 	require.Equal(t, 4*time.Hour, life(int64((90 * 24 * time.Hour).Seconds())), "clamped to maxTTL")
 	require.Equal(t, 1.0, m.metric(t, `meshca_ttl_clamps_total{bound="max"}`))
@@ -283,6 +305,18 @@ func TestDevTour(t *testing.T) {
 	require.Contains(t, out, "identity:   spiffe://cluster.local/ns/demo/sa/web")
 	require.Regexp(t, `serial:\s+[0-9a-f]{20,}`, out)
 	require.Contains(t, out, "(24h0m30s)")
+
+	// A second dev meshca on the same ports fails before touching the
+	// first one's files, and the first keeps serving.
+	rootBefore := readFile(t, filepath.Join(dir, ".meshca-dev", "root-cert.pem"))
+	second := exec.Command(filepath.Join(binDir, "meshca"), "serve", "--dev", "--grpc-address", grpcAddr, "--admin-address", adminAddr)
+	second.Dir = dir
+	secondOut, err := second.CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(secondOut), "listen gRPC")
+	require.Equal(t, rootBefore, readFile(t, filepath.Join(dir, ".meshca-dev", "root-cert.pem")))
+	out, err = meshctl("issue", "--addr", grpcAddr, "--token", strings.TrimSpace(tok))
+	require.NoError(t, err, out)
 
 	// dev-token refuses a configuration that is not in dev mode.
 	prod := filepath.Join(dir, "prod.yaml")
