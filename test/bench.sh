@@ -13,10 +13,13 @@ rm -rf "$work" && mkdir -p "$work" && cd "$work"
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
+	kill -0 $pid 2>/dev/null || { echo "bench: meshca exited (is another meshca, e.g. make run, on ports 15012/15014?)" >&2; cat meshca.log >&2; exit 1; }
 	curl -sf http://127.0.0.1:15014/readyz >/dev/null 2>&1 && break
-	kill -0 $pid 2>/dev/null || { cat meshca.log; exit 1; }
 	sleep 0.1
 done
+# The answer must have come from our meshca, not another one on the port.
+sleep 0.2
+kill -0 $pid 2>/dev/null || { echo "bench: meshca exited (is another meshca, e.g. make run, on ports 15012/15014?)" >&2; cat meshca.log >&2; exit 1; }
 echo "meshca $(nproc)-core machine, server and load generator on the same cores"
 if [ -n "${PROFILE:-}" ]; then
 	# A 10s CPU profile of the server, PROFILE seconds after the load starts.

@@ -86,6 +86,13 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		clients[i] = pb.NewIstioCertificateServiceClient(conn)
 	}
 
+	// A worker that sees maxErrorStreak failures in a row stops the run:
+	// a bench against a server that refuses everything measures nothing.
+	const maxErrorStreak = 100
+	var (
+		abort   atomic.Bool
+		lastErr atomic.Value
+	)
 	const row = "%11s %9s %9s %9s %9s %16s %11s %7s\n"
 	fmt.Fprintf(stdout, row, "concurrency", "certs/s", "p50", "p90", "p99", "server CPU/cert", "server RSS", "errors")
 	for _, c := range cs {
@@ -103,7 +110,8 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 					defer wg.Done()
 					cl := clients[w%len(clients)]
 					local := make([]time.Duration, 0, 4096)
-					for i := w; ; i += c {
+					streak := 0
+					for i := w; !abort.Load(); i += c {
 						if limit > 0 {
 							if started.Add(1) > int64(limit) {
 								break
@@ -113,14 +121,20 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 						}
 						id := ids[i%len(ids)]
 						t0 := time.Now()
-						_, err := cl.CreateCertificate(withToken(ctx, id.token), &pb.IstioCertificateRequest{Csr: id.csr}, grpc.WaitForReady(true))
+						cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+						_, err := cl.CreateCertificate(withToken(cctx, id.token), &pb.IstioCertificateRequest{Csr: id.csr}, grpc.WaitForReady(true))
+						cancel()
 						if err != nil {
 							failed.Add(1)
-							if ctx.Err() != nil {
+							streak++
+							if ctx.Err() != nil || streak >= maxErrorStreak {
+								abort.Store(true)
+								lastErr.Store(err.Error())
 								break
 							}
 							continue
 						}
+						streak = 0
 						if record {
 							local = append(local, time.Since(t0))
 						}
@@ -134,6 +148,9 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return len(lat), failed.Load(), lat
 		}
 		run(*warmup, 0, false)
+		if abort.Load() {
+			return fmt.Errorf("stopped after %d failed requests in a row; last: %v", maxErrorStreak, lastErr.Load())
+		}
 		before, err := scrape(*metricsURL)
 		if err != nil {
 			return err
@@ -147,6 +164,9 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if abort.Load() {
+			return fmt.Errorf("stopped after %d failed requests in a row; last: %v", maxErrorStreak, lastErr.Load())
 		}
 		slices.Sort(lat)
 		cpu, rss := "n/a", "n/a"

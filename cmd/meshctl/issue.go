@@ -26,6 +26,7 @@ import (
 	"github.com/google/renameio/v2"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -79,6 +80,9 @@ func issueCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		&pb.IstioCertificateRequest{Csr: string(csrPEM), ValidityDuration: int64(ttl.Seconds())})
 	if err != nil {
 		st := status.Convert(err)
+		if st.Code() == codes.Unavailable && strings.Contains(st.Message(), "connection error") {
+			return fmt.Errorf("could not reach or verify meshca at %s (check --addr and --ca-cert): %s", *addr, st.Message())
+		}
 		return fmt.Errorf("meshca refused: %s: %s", st.Code(), st.Message())
 	}
 	chain := resp.GetCertChain()
