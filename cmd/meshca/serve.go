@@ -15,6 +15,7 @@ import (
 	httppprof "net/http/pprof"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -228,6 +229,9 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		// a precise answer; anything bigger is refused by gRPC itself.
 		grpc.MaxRecvMsgSize(256<<10),
 		grpc.MaxConcurrentStreams(cfg.Server.MaxConcurrentStreams),
+		// Reused workers keep the stacks that signing grows; a fresh
+		// goroutine per request paid for that growth every time.
+		grpc.NumStreamWorkers(uint32(4*runtime.GOMAXPROCS(0))),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	svc.Register(s.grpc)
