@@ -148,5 +148,9 @@ func TestRenewAt(t *testing.T) {
 		require.False(t, at.After(nb.Add(12*time.Hour)))
 		require.True(t, at.After(nb.Add(11*time.Hour)))
 	}
-	require.Equal(t, nb, ca.RenewAt(nb, na, 0.01, 48*time.Hour), "jitter never moves renewal before NotBefore")
+	for range 1000 {
+		at := ca.RenewAt(nb, na, 0.01, 48*time.Hour)
+		require.False(t, at.Before(nb), "jitter never moves renewal before NotBefore")
+		require.False(t, at.After(nb.Add(24*time.Hour/100)), "nor after the renewal point")
+	}
 }
