@@ -33,6 +33,8 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/meshca/meshca/test/internal/proc"
 )
 
 // Issuer is the --service-account-issuer of every Env. It is also the only
@@ -69,7 +71,7 @@ type Env struct {
 	// kube-apiserver.log.
 	Dir string
 
-	etcd, apiserver *process
+	etcd, apiserver *proc.Process
 }
 
 // Start starts etcd and kube-apiserver for the test and stops them, and
@@ -83,7 +85,7 @@ func Start(t testing.TB) *Env {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("kubeenv: last lines of %s:\n%s", e.apiserver.logPath, e.apiserver.logTail(15))
+			t.Logf("kubeenv: last lines of %s:\n%s", e.apiserver.LogPath(), e.apiserver.LogTail(15))
 		}
 		stop()
 	})
@@ -148,7 +150,7 @@ func start(etcdBin, kasBin string) (e *Env, err error) {
 	etcdName := "kubeenv-" + randomHex(8)
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(etcdPort)
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(peerPort)
-	e.etcd, err = startProcess("etcd", etcdBin, []string{
+	e.etcd, err = proc.Start(proc.Config{Name: "etcd", Path: etcdBin, Args: []string{
 		"--name=" + etcdName,
 		"--data-dir=" + filepath.Join(dir, "etcd-data"),
 		"--listen-client-urls=" + etcdURL,
@@ -159,7 +161,7 @@ func start(etcdBin, kasBin string) (e *Env, err error) {
 		"--unsafe-no-fsync",
 		"--quota-backend-bytes=" + strconv.Itoa(512<<20),
 		"--log-level=warn",
-	}, dir, filepath.Join(dir, "etcd.log"))
+	}, Dir: dir, LogPath: filepath.Join(dir, "etcd.log")})
 	if err != nil {
 		return e, err
 	}
@@ -171,7 +173,7 @@ func start(etcdBin, kasBin string) (e *Env, err error) {
 
 	e.Host = "https://127.0.0.1:" + strconv.Itoa(kasPort)
 	certDir := filepath.Join(dir, "kas-certs")
-	e.apiserver, err = startProcess("kube-apiserver", kasBin, []string{
+	e.apiserver, err = proc.Start(proc.Config{Name: "kube-apiserver", Path: kasBin, Args: []string{
 		"--etcd-servers=" + etcdURL,
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
@@ -186,7 +188,7 @@ func start(etcdBin, kasBin string) (e *Env, err error) {
 		"--service-account-signing-key-file=" + filepath.Join(dir, "sa.key"),
 		"--endpoint-reconciler-type=none",
 		"--enable-priority-and-fairness=false",
-	}, dir, filepath.Join(dir, "kube-apiserver.log"))
+	}, Dir: dir, LogPath: filepath.Join(dir, "kube-apiserver.log")})
 	if err != nil {
 		return e, err
 	}
@@ -257,21 +259,21 @@ func writeKubeconfig(path, host string, caPEM []byte, token string) error {
 // partly started Env.
 func (e *Env) stop() {
 	if e.apiserver != nil {
-		e.apiserver.stop(stopGrace)
+		e.apiserver.Stop(stopGrace)
 	}
 	if e.etcd != nil {
-		e.etcd.stop(stopGrace)
+		e.etcd.Stop(stopGrace)
 	}
 	_ = os.RemoveAll(e.Dir)
 }
 
 // waitEtcd waits until the etcd at url answers and is the member named name,
 // that is, the process p and not another test's etcd on the same port.
-func waitEtcd(ctx context.Context, p *process, url, name string) error {
+func waitEtcd(ctx context.Context, p *proc.Process, url, name string) error {
 	client := &http.Client{Timeout: 2 * time.Second}
 	for {
-		if p.exited() {
-			return p.exitError()
+		if p.Exited() {
+			return exitError(p)
 		}
 		if ok, err := etcdHasMember(ctx, client, url, name); err == nil && ok {
 			return nil
@@ -280,7 +282,7 @@ func waitEtcd(ctx context.Context, p *process, url, name string) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("etcd not ready after %v; last lines of %s:\n%s", readyTimeout, p.logPath, p.logTail(30))
+			return fmt.Errorf("etcd not ready after %v; last lines of %s:\n%s", readyTimeout, p.LogPath(), p.LogTail(30))
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -318,7 +320,7 @@ func etcdHasMember(ctx context.Context, client *http.Client, url, name string) (
 
 // waitAPIServer polls /readyz with the admin token. The token is random per
 // Env, so another test's apiserver on the same port never answers "ok".
-func waitAPIServer(ctx context.Context, p *process, host, token string) error {
+func waitAPIServer(ctx context.Context, p *proc.Process, host, token string) error {
 	client := &http.Client{
 		Timeout: 2 * time.Second,
 		// The serving certificate does not exist yet when polling begins;
@@ -327,15 +329,15 @@ func waitAPIServer(ctx context.Context, p *process, host, token string) error {
 	}
 	defer client.CloseIdleConnections()
 	for {
-		if p.exited() {
-			return p.exitError()
+		if p.Exited() {
+			return exitError(p)
 		}
 		if readyz(ctx, client, host, token) {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("kube-apiserver not ready after %v; last lines of %s:\n%s", readyTimeout, p.logPath, p.logTail(30))
+			return fmt.Errorf("kube-apiserver not ready after %v; last lines of %s:\n%s", readyTimeout, p.LogPath(), p.LogTail(30))
 		case <-time.After(100 * time.Millisecond):
 		}
 	}

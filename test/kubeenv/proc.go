@@ -2,16 +2,14 @@ package kubeenv
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
-	"time"
+
+	"github.com/meshca/meshca/test/internal/proc"
 )
 
 // modulePath identifies the repository root: the directory whose go.mod
@@ -88,97 +86,14 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// process is a child server running in its own process group, with its
-// output in a log file.
-type process struct {
-	name    string
-	cmd     *exec.Cmd
-	logPath string
-	done    chan struct{} // closed once the process has been reaped
-	err     error         // exit status, valid after done is closed
-}
-
-// startProcess runs bin with args in its own process group, appending stdout
-// and stderr to logPath. The kernel kills the child if the test binary dies
-// without running its cleanups.
-func startProcess(name, bin string, args []string, dir, logPath string) (*process, error) {
-	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open %s log: %w", name, err)
-	}
-	defer logFile.Close() // the child holds its own copy of the descriptor
-	cmd := exec.Command(bin, args...)
-	cmd.Dir = dir
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	return p, nil
-}
-
-// exited reports whether the process has ended.
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// stop asks the process group to end, kills it after grace, and waits until
-// the process has been reaped.
-func (p *process) stop(grace time.Duration) {
-	pgid := p.cmd.Process.Pid
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-		<-p.done
-	}
-	// Anything left in the group (there should be nothing) goes too.
-	_ = syscall.Kill(-pgid, syscall.SIGKILL)
-}
-
-// logContains reports whether the process's log holds s.
-func (p *process) logContains(s string) bool {
-	b, err := os.ReadFile(p.logPath)
-	return err == nil && bytes.Contains(b, []byte(s))
-}
-
-// logTail returns the last n lines of the process's log.
-func (p *process) logTail(n int) string {
-	return tail(p.logPath, n)
-}
-
-func tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Sprintf("(no log: %v)", err)
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
 // errPortTaken means a server could not bind a port chosen by freePort; the
 // caller starts again with new ports.
 var errPortTaken = errors.New("port taken by another process")
 
 // exitError describes a server that ended before it was ready.
-func (p *process) exitError() error {
-	if p.logContains("address already in use") {
-		return fmt.Errorf("%s exited: %w", p.name, errPortTaken)
+func exitError(p *proc.Process) error {
+	if p.LogContains("address already in use") {
+		return fmt.Errorf("%s exited: %w", p.Name(), errPortTaken)
 	}
-	return fmt.Errorf("%s exited early (%v); last lines of %s:\n%s", p.name, p.err, p.logPath, p.logTail(30))
+	return fmt.Errorf("%s exited early (%v); last lines of %s:\n%s", p.Name(), p.Err(), p.LogPath(), p.LogTail(30))
 }

@@ -18,12 +18,11 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/meshca/meshca/test/internal/proc"
 	"github.com/meshca/meshca/test/kubeenv"
 )
 
@@ -66,9 +65,7 @@ type Agent struct {
 	// cert-chain.pem, key.pem and root-cert.pem.
 	CertDir string
 
-	cmd     *exec.Cmd
-	logPath string
-	done    chan struct{} // closed once the process has been reaped
+	proc *proc.Process
 }
 
 const stopGrace = 5 * time.Second
@@ -111,7 +108,7 @@ func Start(t testing.TB, cfg Config) *Agent {
 	}
 
 	dir := t.TempDir()
-	a := &Agent{Dir: dir, CertDir: filepath.Join(dir, "out"), logPath: filepath.Join(dir, "pilot-agent.log"), done: make(chan struct{})}
+	a := &Agent{Dir: dir, CertDir: filepath.Join(dir, "out")}
 	files := map[string][]byte{
 		"var/run/secrets/istio/root-cert.pem": cfg.RootCertPEM,
 		"var/run/secrets/tokens/istio-token":  []byte(cfg.Token),
@@ -159,25 +156,19 @@ func Start(t testing.TB, cfg Config) *Agent {
 		env = append(env, "ECC_SIGNATURE_ALGORITHM=ECDSA")
 	}
 
-	logFile, err := os.Create(a.logPath)
+	a.proc, err = proc.Start(proc.Config{
+		Name:    "pilot-agent",
+		Path:    bin,
+		Args:    []string{"proxy", "sidecar"},
+		Env:     env,
+		Dir:     dir, // the agent resolves ./var/run/secrets/... against it
+		LogPath: filepath.Join(dir, "pilot-agent.log"),
+	})
 	if err != nil {
 		t.Fatalf("pilotagent: %v", err)
 	}
-	defer logFile.Close() // the child holds its own copy
-	a.cmd = exec.Command(bin, "proxy", "sidecar")
-	a.cmd.Dir = dir // the agent resolves ./var/run/secrets/... against it
-	a.cmd.Env = env
-	a.cmd.Stdout, a.cmd.Stderr = logFile, logFile
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := a.cmd.Start(); err != nil {
-		t.Fatalf("pilotagent: start pilot-agent: %v", err)
-	}
-	go func() {
-		_ = a.cmd.Wait()
-		close(a.done)
-	}()
 	t.Cleanup(func() {
-		a.stop()
+		a.proc.Stop(stopGrace)
 		if t.Failed() {
 			t.Logf("pilotagent: log of pilot-agent:\n%s", a.Log())
 		}
@@ -197,10 +188,8 @@ func (a *Agent) WaitForCerts(t testing.TB, timeout time.Duration) (chain, key, r
 		if ok {
 			return chain, key, root
 		}
-		select {
-		case <-a.done:
-			t.Fatalf("pilotagent: pilot-agent exited (%v) before writing certificates; log:\n%s", a.cmd.ProcessState, a.Log())
-		default:
+		if a.proc.Exited() {
+			t.Fatalf("pilotagent: pilot-agent exited (%v) before writing certificates; log:\n%s", a.proc.ProcessState(), a.Log())
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("pilotagent: no certificates in %s after %v; log:\n%s", a.CertDir, timeout, a.Log())
@@ -241,29 +230,12 @@ func allPEM(b []byte) bool {
 
 // Log returns what the agent has logged so far.
 func (a *Agent) Log() string {
-	b, err := os.ReadFile(a.logPath)
-	if err != nil {
-		return fmt.Sprintf("(no log: %v)", err)
-	}
-	return string(b)
+	return a.proc.Log()
 }
 
-// stop asks the agent to end, kills it after stopGrace, and reaps it.
-func (a *Agent) stop() {
-	pgid := a.cmd.Process.Pid
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(stopGrace):
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-		<-a.done
-	}
-	_ = syscall.Kill(-pgid, syscall.SIGKILL)
-}
-
-// freePort returns a TCP port that was free a moment ago.
+// freePort returns a loopback TCP port that was free a moment ago.
 func freePort() (int, error) {
-	l, err := net.Listen("tcp", ":0")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, fmt.Errorf("find free port: %w", err)
 	}
