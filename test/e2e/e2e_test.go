@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -43,7 +44,7 @@ func TestPilotAgentGetsCertificate(t *testing.T) {
 		for _, ecdsa := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/ecdsa=%v", mode.name, ecdsa), func(t *testing.T) {
 				m := startMeshca(t, fmt.Sprintf(mode.yaml, meshcaKubeconfig(t)))
-				ns, sa, podName := "agent-"+mode.name, fmt.Sprintf("web-%v", ecdsa), fmt.Sprintf("web-%v-0", ecdsa)
+				ns, sa, podName := uniqueNS("agent-"+mode.name), fmt.Sprintf("web-%v", ecdsa), fmt.Sprintf("web-%v-0", ecdsa)
 				env.CreateServiceAccount(t, ns, sa)
 				pod := env.CreatePod(t, ns, podName, sa)
 				tok := env.Token(t, ns, sa, []string{"istio-ca"}, time.Hour, pod)
@@ -95,7 +96,7 @@ func TestBadCredentials(t *testing.T) {
 		t.Run(mode.name, func(t *testing.T) {
 			m := startMeshca(t, fmt.Sprintf(mode.yaml, meshcaKubeconfig(t)))
 			client := m.client(t)
-			ns := "bad-" + mode.name
+			ns := uniqueNS("bad-" + mode.name)
 			env.CreateServiceAccount(t, ns, "web")
 			key := catest.Key(t, "P-256")
 			goodCSR := csrPEM(t, key, spiffeID(ns, "web"))
@@ -227,24 +228,25 @@ func TestServingAndHealth(t *testing.T) {
 
 // TestPolicyReloadAndExplain changes the policy file under a running meshca.
 func TestPolicyReloadAndExplain(t *testing.T) {
+	ns := uniqueNS("pol")
 	policyPath := filepath.Join(t.TempDir(), "policy.yaml")
 	write := func(s string) { // as a ConfigMap update does: a complete new file renamed in
 		tmp := policyPath + ".new"
 		require.NoError(t, os.WriteFile(tmp, []byte(s), 0o644))
 		require.NoError(t, os.Rename(tmp, policyPath))
 	}
-	write("default:\n  defaultTTL: 12h\nnamespaces:\n  pol:\n    defaultTTL: 3h\n    maxTTL: 4h\n")
+	write(fmt.Sprintf("default:\n  defaultTTL: 12h\nnamespaces:\n  %s:\n    defaultTTL: 3h\n    maxTTL: 4h\n", ns))
 	m := startMeshca(t, fmt.Sprintf("authn:\n  chain: [jwt]\n  kubeconfig: %s\npolicy:\n  file: %s\n  reloadInterval: 200ms\n", meshcaKubeconfig(t), policyPath))
 
-	out, err := exec.Command(filepath.Join(binDir, "meshca"), "policy", "explain", "--config", filepath.Join(m.dir, "meshca.yaml"), "pol/web").CombinedOutput()
+	out, err := exec.Command(filepath.Join(binDir, "meshca"), "policy", "explain", "--config", filepath.Join(m.dir, "meshca.yaml"), ns+"/web").CombinedOutput()
 	require.NoError(t, err, string(out))
-	require.Regexp(t, `defaultTTL\s+3h0m0s\s+namespaces\.pol`, string(out))
+	require.Regexp(t, `defaultTTL\s+3h0m0s\s+namespaces\.`+regexp.QuoteMeta(ns), string(out))
 	require.Regexp(t, `minTTL\s+10m0s\s+built-in`, string(out))
 
-	env.CreateServiceAccount(t, "pol", "web")
-	tok := env.Token(t, "pol", "web", []string{"istio-ca"}, time.Hour, nil)
+	env.CreateServiceAccount(t, ns, "web")
+	tok := env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil)
 	client := m.client(t)
-	csr := csrPEM(t, catest.Key(t, "P-256"), spiffeID("pol", "web"))
+	csr := csrPEM(t, catest.Key(t, "P-256"), spiffeID(ns, "web"))
 	life := func(validity int64) time.Duration {
 		t.Helper()
 		resp, err := client.CreateCertificate(withToken(t.Context(), tok), &pb.IstioCertificateRequest{Csr: csr, ValidityDuration: validity})
@@ -260,7 +262,7 @@ func TestPolicyReloadAndExplain(t *testing.T) {
 	require.Equal(t, 4*time.Hour, life(int64((90 * 24 * time.Hour).Seconds())), "clamped to maxTTL")
 	require.Equal(t, 1.0, m.metric(t, `meshca_ttl_clamps_total{bound="max"}`))
 
-	write("default:\n  defaultTTL: 12h\nnamespaces:\n  pol:\n    defaultTTL: 1h\n")
+	write(fmt.Sprintf("default:\n  defaultTTL: 12h\nnamespaces:\n  %s:\n    defaultTTL: 1h\n", ns))
 	require.Eventually(t, func() bool { return life(0) == time.Hour }, 10*time.Second, 100*time.Millisecond)
 	require.Equal(t, 1.0, m.metric(t, `meshca_reloads_total{result="success",what="policy"}`))
 

@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -119,6 +120,14 @@ func meshcaKubeconfig(t *testing.T) string {
 	meshKey = filepath.Join(dir, "kubeconfig")
 	require.NoError(t, clientcmd.WriteToFile(*kc, meshKey))
 	return meshKey
+}
+
+var nsSeq atomic.Int64
+
+// uniqueNS names a namespace no other test (or -count repetition) in this
+// process uses: the apiserver lives for the whole run.
+func uniqueNS(base string) string {
+	return fmt.Sprintf("%s-%d", base, nsSeq.Add(1))
 }
 
 func freePort(t *testing.T) int {
