@@ -278,8 +278,9 @@ func TestPolicyReloadAndExplain(t *testing.T) {
 // token, issue.
 func TestDevTour(t *testing.T) {
 	dir := t.TempDir()
-	grpcAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	adminAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	grpcPort, adminPort := freePorts(t)
+	grpcAddr := fmt.Sprintf("127.0.0.1:%d", grpcPort)
+	adminAddr := fmt.Sprintf("127.0.0.1:%d", adminPort)
 	cmd := exec.Command(filepath.Join(binDir, "meshca"), "serve", "--dev", "--grpc-address", grpcAddr, "--admin-address", adminAddr)
 	cmd.Dir = dir
 	var logs strings.Builder

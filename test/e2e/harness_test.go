@@ -130,12 +130,19 @@ func uniqueNS(base string) string {
 	return fmt.Sprintf("%s-%d", base, nsSeq.Add(1))
 }
 
-func freePort(t *testing.T) int {
+// freePorts returns two distinct loopback ports that were free a moment
+// ago. Both listeners are held until both are chosen, so the kernel cannot
+// hand out the same port twice.
+func freePorts(t *testing.T) (int, int) {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	var ports [2]int
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer l.Close()
+		ports[i] = l.Addr().(*net.TCPAddr).Port
+	}
+	return ports[0], ports[1]
 }
 
 // meshca is one running meshca process.
@@ -185,10 +192,11 @@ func startMeshca(t *testing.T, yaml string) *meshca {
 func launchMeshca(t *testing.T, yaml string) *meshca {
 	t.Helper()
 	dir := t.TempDir()
+	grpcPort, adminPort := freePorts(t)
 	m := &meshca{
 		dir:       dir,
-		grpcAddr:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		adminURL:  fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+		grpcAddr:  fmt.Sprintf("127.0.0.1:%d", grpcPort),
+		adminURL:  fmt.Sprintf("http://127.0.0.1:%d", adminPort),
 		auditPath: filepath.Join(dir, "audit.log"),
 		logPath:   filepath.Join(dir, "meshca.log"),
 	}
