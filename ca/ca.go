@@ -123,12 +123,6 @@ func New(cfg Config) (*CA, error) {
 		backdate: cfg.Backdate, log: cfg.Log, now: cfg.Now}, nil
 }
 
-// Backend returns the CA's backend.
-func (c *CA) Backend() Backend { return c.backend }
-
-// Policy returns the policy in force.
-func (c *CA) Policy() *Policy { return c.policy.Policy() }
-
 // IssueRequest asks for a leaf.
 type IssueRequest struct {
 	// Caller is the authenticated workload. Required.
