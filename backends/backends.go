@@ -4,13 +4,16 @@
 package backends
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/meshca/meshca/backends/plugged"
 	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/reload"
 )
 
 // Backend types for Config.Type.
@@ -45,31 +48,48 @@ func (c Config) Validate() error {
 	return errors.New(unknownType(c.Type))
 }
 
-// New builds the backend cfg.Type names. log is used when the backend's own
-// Log is unset. The result may also implement ca.Inspector and ca.Runner;
-// the caller must run a ca.Runner for the backend to stay current.
-func New(cfg Config, log *slog.Logger) (ca.Backend, error) {
+// Deps are the runtime inputs of every backend, apart from its
+// configuration: the YAML types above stay the file's schema.
+type Deps struct {
+	// Log receives operational logs. Default: discard.
+	Log *slog.Logger
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// Reloads counts reloads of backend files. Optional.
+	Reloads *reload.Metrics
+}
+
+// New builds the backend cfg.Type names: a ca.Holder, ca.Authority or
+// ca.Upstream for ca.New, which also needs cfg.IntermediateConfig(). ctx
+// bounds any start-up I/O (an upstream login, for backends that have one).
+func New(ctx context.Context, cfg Config, deps Deps) (ca.Backend, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("new backend: %w", err)
+	}
 	switch cfg.Type {
 	case TypeSelfSigned:
-		if cfg.SelfSigned.Log == nil {
-			cfg.SelfSigned.Log = log
-		}
-		b, err := selfsigned.New(cfg.SelfSigned)
+		b, err := selfsigned.New(cfg.SelfSigned, selfsigned.Deps{Log: deps.Log, Now: deps.Now})
 		if err != nil {
 			return nil, fmt.Errorf("new backend: %w", err)
 		}
 		return b, nil
 	case TypePlugged:
-		if cfg.Plugged.Log == nil {
-			cfg.Plugged.Log = log
-		}
-		b, err := plugged.New(cfg.Plugged)
+		b, err := plugged.New(cfg.Plugged, plugged.Deps{Log: deps.Log, Now: deps.Now, Reloads: deps.Reloads})
 		if err != nil {
 			return nil, fmt.Errorf("new backend: %w", err)
 		}
 		return b, nil
 	}
 	return nil, fmt.Errorf("new backend: %s", unknownType(cfg.Type))
+}
+
+// IntermediateConfig is the shape of the intermediates the CA core
+// generates when the backend is a ca.Authority.
+func (c Config) IntermediateConfig() ca.IntermediateConfig {
+	if c.Type == TypeSelfSigned {
+		return c.SelfSigned.IntermediateConfig()
+	}
+	return ca.IntermediateConfig{}
 }
 
 func unknownType(t string) string {

@@ -3,6 +3,7 @@ package backends_test
 import (
 	"log/slog"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -41,19 +42,24 @@ func TestValidate(t *testing.T) {
 }
 
 func TestNew(t *testing.T) {
-	log := slog.New(slog.DiscardHandler)
+	deps := backends.Deps{Log: slog.New(slog.DiscardHandler)}
 
-	b, err := backends.New(backends.Config{Type: backends.TypeSelfSigned}, log)
+	b, err := backends.New(t.Context(), backends.Config{Type: backends.TypeSelfSigned}, deps)
 	require.NoError(t, err)
-	require.IsType(t, &selfsigned.Backend{}, b)
-	require.Implements(t, (*ca.Runner)(nil), b)
-	require.Implements(t, (*ca.Inspector)(nil), b)
+	require.IsType(t, &selfsigned.Root{}, b)
+	require.Implements(t, (*ca.Holder)(nil), b)
 
-	b, err = backends.New(backends.Config{Type: backends.TypePlugged, Plugged: plugged.Config{Dir: t.TempDir()}}, log)
+	cfg := backends.Config{Type: backends.TypeSelfSigned, SelfSigned: selfsigned.Config{Intermediate: true, IntermediateTTL: time.Hour}}
+	b, err = backends.New(t.Context(), cfg, deps)
+	require.NoError(t, err)
+	require.Implements(t, (*ca.Authority)(nil), b)
+	require.Equal(t, time.Hour, cfg.IntermediateConfig().TTL)
+
+	b, err = backends.New(t.Context(), backends.Config{Type: backends.TypePlugged, Plugged: plugged.Config{Dir: t.TempDir()}}, deps)
 	require.ErrorIs(t, err, plugged.ErrInvalidFiles)
 	require.Nil(t, b) // an untyped nil, not a nil *plugged.Backend
 
-	b, err = backends.New(backends.Config{Type: "awspca"}, log)
+	b, err = backends.New(t.Context(), backends.Config{Type: "awspca"}, deps)
 	require.ErrorContains(t, err, "backend.type")
 	require.Nil(t, b)
 }

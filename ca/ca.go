@@ -1,27 +1,34 @@
-// Package ca is meshca's certificate authority core. Issue takes an
-// authenticated caller and a CSR, checks the CSR against the caller's
-// identity and the rotation policy, and has a Backend sign the leaf.
+// Package ca is meshca's certificate authority core. It owns the signing
+// CA: it follows a Holder's replacements, or generates and rotates an
+// intermediate that an Authority mints, or checks what an Upstream signs.
+// Issue takes an authenticated caller and a CSR, checks the CSR against the
+// caller's identity and the rotation policy, and signs the leaf. Subscribe
+// tells the delivery edges when the trust bundle or the signing CA changed.
 //
 // The package knows nothing of gRPC: ca/service and sds turn its errors
 // into status codes.
 package ca
 
 import (
+	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"math/big"
+	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshca/meshca/authn"
 )
 
 // ErrBadRequest is wrapped by errors about a request's own fields (other
-// than its CSR), such as a negative validity.
+// than its CSR), such as a negative lifetime.
 var ErrBadRequest = errors.New("bad request")
 
 // A PolicySource yields the rotation policy in force. It must be cheap and
@@ -62,12 +69,15 @@ func (s *PolicyStore) Store(p *Policy) error {
 
 // Config configures a CA.
 type Config struct {
-	// Backend signs leaves. Required.
+	// Backend is a Holder, an Authority or an Upstream. Required.
 	Backend Backend
+	// Intermediate configures the intermediates the CA generates when the
+	// Backend is an Authority. Ignored otherwise.
+	Intermediate IntermediateConfig
 	// Policy yields the rotation policy. Default: built-in defaults.
 	Policy PolicySource
-	// Metrics records CSR rejections, clamps and issuance counts.
-	// Default: unregistered metrics.
+	// Metrics records CSR rejections, clamps, issuance counts and
+	// intermediate rotations. Default: unregistered metrics.
 	Metrics *Metrics
 	// Backdate moves NotBefore into the past to absorb clock skew between
 	// meshca and relying parties. Default 30s; negative means none.
@@ -78,18 +88,31 @@ type Config struct {
 	Now func() time.Time
 }
 
-// CA issues workload certificates.
+// CA issues workload certificates. It is safe for concurrent use; Run must
+// be called (once) for the signing CA to stay current.
 type CA struct {
-	backend  Backend
-	policy   PolicySource
-	metrics  *Metrics
-	backdate time.Duration
-	log      *slog.Logger
-	now      func() time.Time
+	holder    Holder
+	authority Authority
+	upstream  Upstream
+	inter     IntermediateConfig
+	policy    PolicySource
+	metrics   *Metrics
+	backdate  time.Duration
+	log       *slog.Logger
+	now       func() time.Time
+
+	state atomic.Pointer[State]
+	// mu orders publications: subscribers see changes one at a time, in
+	// the order they were made.
+	mu     sync.Mutex
+	subs   map[int]func(Change)
+	nextID int
 }
 
-// New returns a CA.
-func New(cfg Config) (*CA, error) {
+// New returns a CA holding its first signing state: the Holder's current
+// one, an intermediate minted by the Authority (the reason for ctx), or the
+// Upstream's trust bundle.
+func New(ctx context.Context, cfg Config) (*CA, error) {
 	if cfg.Backend == nil {
 		return nil, errors.New("ca: Backend is required")
 	}
@@ -101,11 +124,7 @@ func New(cfg Config) (*CA, error) {
 		cfg.Policy = s
 	}
 	if cfg.Metrics == nil {
-		m, err := NewMetrics(nil)
-		if err != nil {
-			return nil, err
-		}
-		cfg.Metrics = m
+		cfg.Metrics = NewMetrics(nil)
 	}
 	switch {
 	case cfg.Backdate == 0:
@@ -119,20 +138,118 @@ func New(cfg Config) (*CA, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &CA{backend: cfg.Backend, policy: cfg.Policy, metrics: cfg.Metrics,
-		backdate: cfg.Backdate, log: cfg.Log, now: cfg.Now}, nil
+	c := &CA{policy: cfg.Policy, metrics: cfg.Metrics, backdate: cfg.Backdate, log: cfg.Log, now: cfg.Now,
+		subs: map[int]func(Change){}}
+
+	var first State
+	switch b := cfg.Backend.(type) {
+	case Holder:
+		c.holder = b
+		first = b.Current()
+	case Authority:
+		inter, err := cfg.Intermediate.withDefaults()
+		if err != nil {
+			return nil, fmt.Errorf("ca: %w", err)
+		}
+		c.authority, c.inter = b, inter
+		s, err := c.mint(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("ca: first intermediate: %w", err)
+		}
+		first = s
+	case Upstream:
+		c.upstream = b
+		roots, err := b.TrustBundle(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("ca: upstream trust bundle: %w", err)
+		}
+		first = State{Roots: roots}
+	default:
+		return nil, fmt.Errorf("ca: backend %T is none of Holder, Authority or Upstream", cfg.Backend)
+	}
+	if err := first.check(c.upstream != nil); err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	c.state.Store(&first)
+	return c, nil
+}
+
+// State returns what the CA signs with and trusts now. It does not block.
+func (c *CA) State() State { return *c.state.Load() }
+
+// Change is one replacement of the CA's State.
+type Change struct {
+	Old, New State
+	// SigningChanged says leaves are now signed by another CA certificate;
+	// BundleChanged says the trust bundle differs.
+	SigningChanged, BundleChanged bool
+}
+
+// Subscribe calls fn with every later change of State, in order, until
+// cancel is called. fn runs on the publishing goroutine and must not block
+// or call back into Subscribe; the new State is already in force when it
+// runs.
+func (c *CA) Subscribe(fn func(Change)) (cancel func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	id := c.nextID
+	c.nextID++
+	c.subs[id] = fn
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		delete(c.subs, id)
+	}
+}
+
+// publish puts s in force and tells the subscribers. A State equal to the
+// one in force is not a change.
+func (c *CA) publish(s State) error {
+	if err := s.check(c.upstream != nil); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := *c.state.Load()
+	ch := Change{Old: old, New: s, SigningChanged: !sameSigning(old.Signing, s.Signing), BundleChanged: !sameCerts(old.Roots, s.Roots)}
+	if !ch.SigningChanged && !ch.BundleChanged {
+		return nil
+	}
+	c.state.Store(&s)
+	for _, fn := range c.subs {
+		fn(ch)
+	}
+	return nil
+}
+
+// Run keeps the signing state current until ctx is done, then returns nil:
+// it follows a Holder's replacements, or rotates the intermediate an
+// Authority mints (see nextMint). With an Upstream it only waits.
+func (c *CA) Run(ctx context.Context) error {
+	switch {
+	case c.holder != nil:
+		return c.holder.Watch(ctx, func(s State) {
+			if err := c.publish(s); err != nil {
+				c.log.Error("backend published an unusable signing state; keeping the current one", "err", err)
+			}
+		})
+	case c.authority != nil:
+		return c.rotate(ctx)
+	}
+	<-ctx.Done()
+	return nil
 }
 
 // IssueRequest asks for a leaf.
 type IssueRequest struct {
 	// Caller is the authenticated workload. Required.
 	Caller *authn.Caller
-	// CSR is the PEM-encoded PKCS#10 request.
+	// CSR is the DER of a PKCS#10 request.
 	CSR []byte
-	// ValiditySeconds is the requested lifetime; 0 means the policy's
-	// default. Negative is an error; values outside the policy's bounds
-	// are clamped (and counted).
-	ValiditySeconds int64
+	// Lifetime is the requested lifetime; 0 means the policy's default.
+	// Negative is an error; values outside the policy's bounds are clamped
+	// (and counted).
+	Lifetime time.Duration
 }
 
 // Issued is an issued leaf with everything the edges need to answer and
@@ -155,17 +272,17 @@ type Issued struct {
 	Clamp Clamp
 }
 
-// Issue checks req and has the backend sign it. Errors wrap ErrBadRequest,
-// ErrBadCSR (*CSRError), authn.ErrIdentityMismatch (*authn.MismatchError),
-// ErrBackendUnavailable (any other backend failure is reported as this),
+// Issue checks req and signs it. Errors wrap ErrBadRequest, ErrBadCSR
+// (*CSRError), authn.ErrIdentityMismatch (*authn.MismatchError),
+// ErrBackendUnavailable (any other signing failure is reported as this),
 // or ErrInvalidSignRequest.
 func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 	caller := req.Caller
 	if caller == nil {
 		return nil, errors.New("issue: no caller")
 	}
-	if req.ValiditySeconds < 0 {
-		return nil, fmt.Errorf("%w: validity_duration is %d seconds; want 0 (policy default) or a positive number", ErrBadRequest, req.ValiditySeconds)
+	if req.Lifetime < 0 {
+		return nil, fmt.Errorf("%w: requested lifetime %s is negative; want 0 (policy default) or more", ErrBadRequest, req.Lifetime)
 	}
 	rule := c.policy.Policy().Resolve(caller.Namespace, caller.ServiceAccount)
 	csr, kt, err := ParseCSR(req.CSR)
@@ -174,41 +291,31 @@ func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 		if errors.As(err, &ce) && ce.Reason == CSRKeyType {
 			err = csrErr(CSRKeyType, "%s; the policy for %s/%s allows %s", ce.Detail, caller.Namespace, caller.ServiceAccount, keyTypeList(rule.KeyTypes))
 		}
-		c.rejectCSR(err)
+		c.RejectCSR(err)
 		return nil, err
 	}
 	if !rule.Allows(kt) {
 		err := csrErr(CSRKeyType, "CSR key is %s; the policy for %s/%s allows %s", kt, caller.Namespace, caller.ServiceAccount, keyTypeList(rule.KeyTypes))
-		c.rejectCSR(err)
+		c.RejectCSR(err)
 		return nil, err
 	}
 	if err := authn.CheckCSR(caller, csr); err != nil {
 		c.metrics.CSRRejections.WithLabelValues("identity_mismatch").Inc()
 		return nil, err
 	}
-	ttl, clamp := rule.TTL(secondsToDuration(req.ValiditySeconds))
+	ttl, clamp := rule.TTL(req.Lifetime)
 	if clamp != ClampNone {
 		c.metrics.TTLClamps.WithLabelValues(string(clamp)).Inc()
 	}
 	now := c.now()
-	notBefore := now.Add(-c.backdate)
-	resp, err := c.backend.Sign(ctx, SignRequest{
+	resp, err := c.Sign(ctx, SignRequest{
 		CSR:       csr,
 		ID:        caller.ID,
-		NotBefore: notBefore,
+		NotBefore: now.Add(-c.backdate),
 		NotAfter:  now.Add(ttl),
 	})
 	if err != nil {
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			return nil, fmt.Errorf("sign: %w", ctxErr)
-		}
-		// A request the backend calls invalid got past every check above:
-		// that is meshca's bug, not an outage, so it is not dressed up as
-		// one (it surfaces as Internal).
-		if !errors.Is(err, ErrBackendUnavailable) && !errors.Is(err, ErrInvalidSignRequest) {
-			err = fmt.Errorf("%w: %w", ErrBackendUnavailable, err)
-		}
-		return nil, fmt.Errorf("sign: %w", err)
+		return nil, err
 	}
 	c.metrics.Issued.WithLabelValues(string(kt)).Inc()
 	return &Issued{
@@ -224,18 +331,97 @@ func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 	}, nil
 }
 
-func (c *CA) rejectCSR(err error) {
+// RejectCSR counts err if it is a *CSRError. Edges that refuse a CSR before
+// Issue sees it (a PEM that does not decode) call it, so every refusal is
+// counted once.
+func (c *CA) RejectCSR(err error) {
 	var ce *CSRError
 	if errors.As(err, &ce) {
 		c.metrics.CSRRejections.WithLabelValues(ce.Reason).Inc()
 	}
 }
 
-// secondsToDuration converts without overflow: anything beyond what a
-// Duration holds becomes the largest Duration, which the policy clamps.
-func secondsToDuration(s int64) time.Duration {
-	if s > math.MaxInt64/int64(time.Second) {
-		return math.MaxInt64
+// Sign signs req with the signing CA in force, or has the Upstream sign it
+// and checks the answer. It applies no policy and no identity check: Issue
+// does those for workloads, and meshca's own serving certificate, which
+// carries DNS names, comes here directly. Errors wrap
+// ErrBackendUnavailable or ErrInvalidSignRequest, or the context's error.
+func (c *CA) Sign(ctx context.Context, req SignRequest) (*SignResponse, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("sign: %w", err)
 	}
-	return time.Duration(s) * time.Second
+	if c.upstream != nil {
+		return c.signUpstream(ctx, req)
+	}
+	s := c.state.Load().Signing
+	if na := s.NotAfter(); !c.now().Before(na) {
+		return nil, fmt.Errorf("sign: the signing CA chain expired at %s: %w", na.UTC().Format(time.RFC3339), ErrBackendUnavailable)
+	}
+	resp, err := s.Sign(req)
+	if err != nil {
+		// A request the signer calls invalid got past every check: that is
+		// meshca's bug, not an outage, so it is not dressed up as one (it
+		// surfaces as Internal).
+		if !errors.Is(err, ErrBackendUnavailable) && !errors.Is(err, ErrInvalidSignRequest) {
+			err = fmt.Errorf("%w: %w", ErrBackendUnavailable, err)
+		}
+		return nil, fmt.Errorf("sign: %w", err)
+	}
+	return resp, nil
+}
+
+// check refuses a State the CA cannot work with.
+func (s State) check(upstream bool) error {
+	if !upstream && s.Signing == nil {
+		return errors.New("signing state has no signing CA")
+	}
+	if len(s.Roots) == 0 {
+		return errors.New("signing state has an empty trust bundle")
+	}
+	if s.Signing != nil && !containsCert(s.Roots, s.Signing.Root()) {
+		return fmt.Errorf("the trust bundle does not hold the signing CA's root %q", s.Signing.Root().Subject)
+	}
+	return nil
+}
+
+func sameSigning(a, b *SigningCA) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return sameCerts(a.chain, b.chain)
+}
+
+func sameCerts(a, b []*x509.Certificate) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if !bytes.Equal(a[i].Raw, b[i].Raw) {
+			return false
+		}
+	}
+	return true
+}
+
+func containsCert(certs []*x509.Certificate, c *x509.Certificate) bool {
+	for _, x := range certs {
+		if bytes.Equal(x.Raw, c.Raw) {
+			return true
+		}
+	}
+	return false
+}
+
+// Metrics are the CA core's Prometheus metrics. Every metric is documented
+// in README.md.
+type Metrics struct {
+	// CSRRejections counts refused CSRs by reason.
+	CSRRejections *prometheus.CounterVec
+	// TTLClamps counts requested lifetimes moved into policy bounds, by the
+	// bound that applied ("min" or "max").
+	TTLClamps *prometheus.CounterVec
+	// Issued counts issued leaves by key type.
+	Issued *prometheus.CounterVec
+	// Rotations counts intermediate mints by result ("success", "failure").
+	Rotations *prometheus.CounterVec
 }

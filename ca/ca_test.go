@@ -3,6 +3,7 @@ package ca_test
 import (
 	"context"
 	"crypto"
+	"crypto/x509"
 	"errors"
 	"testing"
 	"time"
@@ -12,24 +13,21 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/authn"
-	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
 )
 
-func newTestCA(t *testing.T, p *ca.Policy, wrap func(ca.Backend) ca.Backend) (*ca.CA, *ca.Metrics) {
+// newTestCA returns a CA with policy p over b, or over a catest.Holder when
+// b is nil.
+func newTestCA(t *testing.T, p *ca.Policy, b ca.Backend) (*ca.CA, *ca.Metrics) {
 	t.Helper()
-	var b ca.Backend
-	b, err := selfsigned.New(selfsigned.Config{})
-	require.NoError(t, err)
-	if wrap != nil {
-		b = wrap(b)
+	if b == nil {
+		b = catest.NewHolder(t, false)
 	}
 	store, err := ca.NewPolicyStore(p)
 	require.NoError(t, err)
-	m, err := ca.NewMetrics(nil)
-	require.NoError(t, err)
-	c, err := ca.New(ca.Config{Backend: b, Policy: store, Metrics: m})
+	m := ca.NewMetrics(nil)
+	c, err := ca.New(t.Context(), ca.Config{Backend: b, Policy: store, Metrics: m})
 	require.NoError(t, err)
 	return c, m
 }
@@ -65,7 +63,7 @@ func TestIssueKeyPolicyPerNamespace(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			cl := testCaller(t, tc.ns, "app")
-			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: catest.CSRPEM(t, tc.key, nil, cl.ID.String())})
+			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: catest.CSRDER(t, tc.key, nil, cl.ID.String())})
 			if tc.wantErr == "" {
 				require.NoError(t, err)
 				require.NotEmpty(t, issued.CertPEM)
@@ -79,37 +77,38 @@ func TestIssueKeyPolicyPerNamespace(t *testing.T) {
 	require.Equal(t, 1.0, testutil.ToFloat64(m.Issued.WithLabelValues(string(ca.KeyEd25519))))
 }
 
-// badRequestBackend refuses every request as invalid, the way a backend
-// would if the CA's own checks had let something through.
-type badRequestBackend struct{ ca.Backend }
-
-func (badRequestBackend) Sign(context.Context, ca.SignRequest) (*ca.SignResponse, error) {
-	return nil, ca.ErrInvalidSignRequest
+// failingUpstream is an Upstream whose every SignLeaf fails with err.
+type failingUpstream struct {
+	roots []*x509.Certificate
+	err   error
 }
 
-// downBackend fails the way an unreachable upstream does.
-type downBackend struct{ ca.Backend }
+func (u failingUpstream) SignLeaf(context.Context, ca.SignRequest) (*ca.UpstreamLeaf, error) {
+	return nil, u.err
+}
 
-func (downBackend) Sign(context.Context, ca.SignRequest) (*ca.SignResponse, error) {
-	return nil, errors.New("dial tcp 10.0.0.1:8200: connection refused")
+func (u failingUpstream) TrustBundle(context.Context) ([]*x509.Certificate, error) {
+	return u.roots, nil
 }
 
 func TestIssueBackendErrors(t *testing.T) {
 	cl := testCaller(t, "demo", "web")
-	csr := catest.CSRPEM(t, catest.Key(t, "P-256"), nil, cl.ID.String())
+	csr := catest.CSRDER(t, catest.Key(t, "P-256"), nil, cl.ID.String())
 
-	c, _ := newTestCA(t, &ca.Policy{}, func(b ca.Backend) ca.Backend { return downBackend{b} })
+	roots := catest.NewState(t, false, time.Now().Add(time.Hour)).Roots
+	down := failingUpstream{roots: roots, err: errors.New("dial tcp 10.0.0.1:8200: connection refused")}
+	c, _ := newTestCA(t, &ca.Policy{}, down)
 	_, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr})
 	require.ErrorIs(t, err, ca.ErrBackendUnavailable, "an unknown backend failure is an outage: the client retries")
 
-	c, _ = newTestCA(t, &ca.Policy{}, func(b ca.Backend) ca.Backend { return badRequestBackend{b} })
+	c, _ = newTestCA(t, &ca.Policy{}, failingUpstream{roots: roots, err: ca.ErrInvalidSignRequest})
 	_, err = c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr})
 	require.ErrorIs(t, err, ca.ErrInvalidSignRequest)
 	require.NotErrorIs(t, err, ca.ErrBackendUnavailable, "a request that slipped past the checks is a bug, not an outage")
 
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	c, _ = newTestCA(t, &ca.Policy{}, func(b ca.Backend) ca.Backend { return downBackend{b} })
+	c, _ = newTestCA(t, &ca.Policy{}, down)
 	_, err = c.Issue(ctx, ca.IssueRequest{Caller: cl, CSR: csr})
 	require.ErrorIs(t, err, context.Canceled)
 }
@@ -117,24 +116,24 @@ func TestIssueBackendErrors(t *testing.T) {
 func TestIssueValidity(t *testing.T) {
 	c, m := newTestCA(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 6 * time.Hour, MinTTL: time.Hour, MaxTTL: 12 * time.Hour}}, nil)
 	cl := testCaller(t, "demo", "web")
-	csr := catest.CSRPEM(t, catest.Key(t, "P-256"), nil, cl.ID.String())
+	csr := catest.CSRDER(t, catest.Key(t, "P-256"), nil, cl.ID.String())
 	tests := []struct {
 		name      string
-		seconds   int64
+		lifetime  time.Duration
 		wantLife  time.Duration
 		wantClamp ca.Clamp
 		wantErr   error
 	}{
-		{name: "zero is the default", seconds: 0, wantLife: 6 * time.Hour},
-		{name: "honoured inside bounds", seconds: 7200, wantLife: 2 * time.Hour},
-		{name: "clamped up", seconds: 60, wantLife: time.Hour, wantClamp: ca.ClampMin},
-		{name: "clamped down", seconds: 86400 * 365, wantLife: 12 * time.Hour, wantClamp: ca.ClampMax},
-		{name: "beyond a Duration", seconds: 1<<63 - 1, wantLife: 12 * time.Hour, wantClamp: ca.ClampMax},
-		{name: "negative", seconds: -1, wantErr: ca.ErrBadRequest},
+		{name: "zero is the default", lifetime: 0, wantLife: 6 * time.Hour},
+		{name: "honoured inside bounds", lifetime: 2 * time.Hour, wantLife: 2 * time.Hour},
+		{name: "clamped up", lifetime: time.Minute, wantLife: time.Hour, wantClamp: ca.ClampMin},
+		{name: "clamped down", lifetime: 365 * 24 * time.Hour, wantLife: 12 * time.Hour, wantClamp: ca.ClampMax},
+		{name: "the largest Duration", lifetime: 1<<63 - 1, wantLife: 12 * time.Hour, wantClamp: ca.ClampMax},
+		{name: "negative", lifetime: -time.Second, wantErr: ca.ErrBadRequest},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr, ValiditySeconds: tc.seconds})
+			issued, err := c.Issue(t.Context(), ca.IssueRequest{Caller: cl, CSR: csr, Lifetime: tc.lifetime})
 			if tc.wantErr != nil {
 				require.ErrorIs(t, err, tc.wantErr)
 				return

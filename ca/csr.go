@@ -1,15 +1,13 @@
 package ca
 
 import (
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/elliptic"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
+
+	"github.com/meshca/meshca/ca/internal/x509enc"
 )
 
 // MaxCSRBytes is the largest CSR PEM accepted; larger ones are refused
@@ -47,40 +45,45 @@ func csrErr(reason, format string, args ...any) *CSRError {
 	return &CSRError{Reason: reason, Detail: fmt.Sprintf(format, args...)}
 }
 
-var (
-	oidExtSAN              = asn1.ObjectIdentifier{2, 5, 29, 17}
-	oidExtKeyUsage         = asn1.ObjectIdentifier{2, 5, 29, 15}
-	oidExtExtKeyUsage      = asn1.ObjectIdentifier{2, 5, 29, 37}
-	oidExtBasicConstraints = asn1.ObjectIdentifier{2, 5, 29, 19}
-)
-
-// ParseCSR decodes one PEM CSR, verifies its self-signature and refuses
-// requests for CA certificates or for extensions other than subject
-// alternative names, key usage and extended key usage, or with a key of a
-// type meshca never accepts. It returns the key's type for the policy's
-// allow-list; the identity is checked by authn.CheckCSR.
-func ParseCSR(pemBytes []byte) (*x509.CertificateRequest, KeyType, error) {
+// CSRFromPEM returns the DER of the one PEM CSR in pemBytes. It refuses
+// input over MaxCSRBytes before looking at it.
+func CSRFromPEM(pemBytes []byte) ([]byte, error) {
 	switch {
 	case len(pemBytes) > MaxCSRBytes:
-		return nil, "", csrErr(CSRTooLarge, "CSR is %d bytes, the limit is %d", len(pemBytes), MaxCSRBytes)
+		return nil, csrErr(CSRTooLarge, "CSR is %d bytes, the limit is %d", len(pemBytes), MaxCSRBytes)
 	case len(pemBytes) == 0:
-		return nil, "", csrErr(CSREmpty, "CSR is empty")
+		return nil, csrErr(CSREmpty, "CSR is empty")
 	}
 	block, _ := pem.Decode(pemBytes)
 	if block == nil {
-		return nil, "", csrErr(CSRNotPEM, "CSR is not PEM: want a -----BEGIN CERTIFICATE REQUEST----- block")
+		return nil, csrErr(CSRNotPEM, "CSR is not PEM: want a -----BEGIN CERTIFICATE REQUEST----- block")
 	}
 	if block.Type != "CERTIFICATE REQUEST" && block.Type != "NEW CERTIFICATE REQUEST" {
-		return nil, "", csrErr(CSRNotPEM, "CSR PEM block is %q, want \"CERTIFICATE REQUEST\"", block.Type)
+		return nil, csrErr(CSRNotPEM, "CSR PEM block is %q, want \"CERTIFICATE REQUEST\"", block.Type)
 	}
-	csr, err := x509.ParseCertificateRequest(block.Bytes)
+	return block.Bytes, nil
+}
+
+// ParseCSR parses a DER PKCS#10 request, verifies its self-signature and
+// refuses requests for CA certificates or for extensions other than
+// subject alternative names, key usage and extended key usage, or with a
+// key of a type meshca never accepts. It returns the key's type for the
+// policy's allow-list; the identity is checked by authn.CheckCSR.
+func ParseCSR(der []byte) (*x509.CertificateRequest, KeyType, error) {
+	switch {
+	case len(der) > MaxCSRBytes:
+		return nil, "", csrErr(CSRTooLarge, "CSR is %d bytes, the limit is %d", len(der), MaxCSRBytes)
+	case len(der) == 0:
+		return nil, "", csrErr(CSREmpty, "CSR is empty")
+	}
+	csr, err := x509.ParseCertificateRequest(der)
 	if err != nil {
 		return nil, "", csrErr(CSRMalformed, "CSR is not a valid PKCS#10 request: %v", err)
 	}
 	for _, ext := range csr.Extensions {
 		switch {
-		case ext.Id.Equal(oidExtSAN), ext.Id.Equal(oidExtKeyUsage), ext.Id.Equal(oidExtExtKeyUsage):
-		case ext.Id.Equal(oidExtBasicConstraints):
+		case ext.Id.Equal(x509enc.OIDExtensionSubjectAltName), ext.Id.Equal(x509enc.OIDExtensionKeyUsage), ext.Id.Equal(x509enc.OIDExtensionExtendedKeyUsage):
+		case ext.Id.Equal(x509enc.OIDExtensionBasicConstraints):
 			var bc struct {
 				IsCA bool `asn1:"optional"`
 			}
@@ -102,35 +105,4 @@ func ParseCSR(pemBytes []byte) (*x509.CertificateRequest, KeyType, error) {
 		return nil, "", csrErr(CSRBadSignature, "CSR signature does not verify with its own public key")
 	}
 	return csr, kt, nil
-}
-
-// KeyTypeOf names the CSR's public key, or returns a *CSRError for a key
-// meshca never accepts (RSA below 2048 or of odd size, curves other than
-// P-256 and P-384).
-func KeyTypeOf(csr *x509.CertificateRequest) (KeyType, error) {
-	switch k := csr.PublicKey.(type) {
-	case *ecdsa.PublicKey:
-		switch k.Curve {
-		case elliptic.P256():
-			return KeyECDSAP256, nil
-		case elliptic.P384():
-			return KeyECDSAP384, nil
-		}
-		return "", csrErr(CSRKeyType, "CSR key is ECDSA %s", k.Curve.Params().Name)
-	case *rsa.PublicKey:
-		switch n := k.N.BitLen(); n {
-		case 2048:
-			return KeyRSA2048, nil
-		case 3072:
-			return KeyRSA3072, nil
-		case 4096:
-			return KeyRSA4096, nil
-		default:
-			return "", csrErr(CSRKeyType, "CSR key is RSA-%d", n)
-		}
-	case ed25519.PublicKey:
-		return KeyEd25519, nil
-	default:
-		return "", csrErr(CSRKeyType, "CSR key is of type %T", k)
-	}
 }

@@ -58,7 +58,7 @@ func TestParseCSR(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			csr, kt, err := ca.ParseCSR(tc.pem)
+			csr, kt, err := parseCSRPEM(tc.pem)
 			if tc.wantReason == "" {
 				require.NoError(t, err)
 				require.Equal(t, tc.wantKey, kt)
@@ -72,4 +72,13 @@ func TestParseCSR(t *testing.T) {
 			require.NotContains(t, err.Error(), "MII", "an error must not echo the CSR")
 		})
 	}
+}
+
+// parseCSRPEM runs a PEM CSR through both steps an edge takes.
+func parseCSRPEM(p []byte) (*x509.CertificateRequest, ca.KeyType, error) {
+	der, err := ca.CSRFromPEM(p)
+	if err != nil {
+		return nil, "", err
+	}
+	return ca.ParseCSR(der)
 }

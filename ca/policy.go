@@ -9,23 +9,6 @@ import (
 	"time"
 )
 
-// KeyType names a leaf public key algorithm and size in policies, metrics
-// and audit lines.
-type KeyType string
-
-// The key types meshca knows. Anything else in a CSR is refused.
-const (
-	KeyECDSAP256 KeyType = "ECDSA-P256"
-	KeyECDSAP384 KeyType = "ECDSA-P384"
-	KeyRSA2048   KeyType = "RSA-2048"
-	KeyRSA3072   KeyType = "RSA-3072"
-	KeyRSA4096   KeyType = "RSA-4096"
-	KeyEd25519   KeyType = "Ed25519"
-)
-
-// knownKeyTypes is every KeyType a policy may allow.
-var knownKeyTypes = []KeyType{KeyECDSAP256, KeyECDSAP384, KeyRSA2048, KeyRSA3072, KeyRSA4096, KeyEd25519}
-
 // Rule is one level of the rotation policy. A nil or zero field is unset and
 // inherits from the next wider level: service account, then namespace, then
 // the mesh-wide default, the way Istio layers PeerAuthentication.

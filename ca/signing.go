@@ -11,19 +11,14 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
-	"net"
 	"slices"
 	"time"
-	"unicode"
 
-	"golang.org/x/crypto/cryptobyte"
-	cbasn1 "golang.org/x/crypto/cryptobyte/asn1"
+	"github.com/meshca/meshca/ca/internal/x509enc"
 )
 
 // ErrInvalidSignRequest is wrapped by SigningCA.Sign errors caused by the
@@ -55,11 +50,9 @@ type SigningCA struct {
 	chain []*x509.Certificate // cert first, root last
 
 	// Per-CA constants precomputed by NewSigningCA.
-	sigAlgID    []byte // DER AlgorithmIdentifier, used twice in each leaf
+	enc         *x509enc.Issuer
 	hash        crypto.Hash
-	issuer      []byte    // DER Name: the CA's RawSubject
-	extPrefix   [2][]byte // DER extensions before subjectAltName; [1] for RSA leaves
-	knownSigner bool      // an in-memory standard-library key: skip the self-check
+	knownSigner bool // an in-memory standard-library key: skip the self-check
 	verify      func(tbsOrDigest, sig []byte) bool
 	chainPEM    []string
 	signedBy    string
@@ -67,27 +60,6 @@ type SigningCA struct {
 	// any certificate it needs.
 	notAfter time.Time
 }
-
-// Object identifiers and fixed DER pieces, as in crypto/x509.
-var (
-	oidSignatureECDSAWithSHA256 = asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}
-	oidSignatureECDSAWithSHA384 = asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 3}
-	oidSignatureECDSAWithSHA512 = asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 4}
-	oidSignatureSHA256WithRSA   = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 1, 11}
-	oidSignatureEd25519         = asn1.ObjectIdentifier{1, 3, 101, 112}
-
-	oidExtensionKeyUsage         = asn1.ObjectIdentifier{2, 5, 29, 15}
-	oidExtensionExtendedKeyUsage = asn1.ObjectIdentifier{2, 5, 29, 37}
-	oidExtensionBasicConstraints = asn1.ObjectIdentifier{2, 5, 29, 19}
-	oidExtensionAuthorityKeyID   = asn1.ObjectIdentifier{2, 5, 29, 35}
-	oidExtensionSubjectAltName   = asn1.ObjectIdentifier{2, 5, 29, 17}
-
-	oidExtKeyUsageServerAuth = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 1}
-	oidExtKeyUsageClientAuth = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 2}
-)
-
-// emptyASN1Subject is the DER of an empty Name: an empty SEQUENCE.
-var emptyASN1Subject = []byte{0x30, 0x00}
 
 // NewSigningCA returns a SigningCA that signs with key as cert. chain holds
 // the certificates above cert, each issued by the next, up to and including
@@ -123,10 +95,9 @@ func NewSigningCA(cert *x509.Certificate, key crypto.Signer, chain []*x509.Certi
 	}
 
 	s := &SigningCA{
-		cert:   cert,
-		key:    key,
-		chain:  full,
-		issuer: cert.RawSubject,
+		cert:  cert,
+		key:   key,
+		chain: full,
 	}
 	var sigOID asn1.ObjectIdentifier
 	var sigParams asn1.RawValue
@@ -134,22 +105,22 @@ func NewSigningCA(cert *x509.Certificate, key crypto.Signer, chain []*x509.Certi
 	case *ecdsa.PublicKey:
 		switch pk.Curve {
 		case elliptic.P256():
-			sigOID, s.hash = oidSignatureECDSAWithSHA256, crypto.SHA256
+			sigOID, s.hash = x509enc.OIDSignatureECDSAWithSHA256, crypto.SHA256
 		case elliptic.P384():
-			sigOID, s.hash = oidSignatureECDSAWithSHA384, crypto.SHA384
+			sigOID, s.hash = x509enc.OIDSignatureECDSAWithSHA384, crypto.SHA384
 		case elliptic.P521():
-			sigOID, s.hash = oidSignatureECDSAWithSHA512, crypto.SHA512
+			sigOID, s.hash = x509enc.OIDSignatureECDSAWithSHA512, crypto.SHA512
 		default:
 			return nil, fmt.Errorf("new signing CA: unsupported curve %s: %w", pk.Curve.Params().Name, ErrInvalidCA)
 		}
 		s.verify = func(digest, sig []byte) bool { return ecdsa.VerifyASN1(pk, digest, sig) }
 		_, s.knownSigner = key.(*ecdsa.PrivateKey)
 	case *rsa.PublicKey:
-		sigOID, sigParams, s.hash = oidSignatureSHA256WithRSA, asn1.NullRawValue, crypto.SHA256
+		sigOID, sigParams, s.hash = x509enc.OIDSignatureSHA256WithRSA, asn1.NullRawValue, crypto.SHA256
 		s.verify = func(digest, sig []byte) bool { return rsa.VerifyPKCS1v15(pk, crypto.SHA256, digest, sig) == nil }
 		_, s.knownSigner = key.(*rsa.PrivateKey)
 	case ed25519.PublicKey:
-		sigOID, s.hash = oidSignatureEd25519, 0
+		sigOID, s.hash = x509enc.OIDSignatureEd25519, 0
 		s.verify = func(msg, sig []byte) bool { return ed25519.Verify(pk, msg, sig) }
 		_, s.knownSigner = key.(ed25519.PrivateKey)
 	default:
@@ -157,16 +128,8 @@ func NewSigningCA(cert *x509.Certificate, key crypto.Signer, chain []*x509.Certi
 	}
 
 	var err error
-	if s.sigAlgID, err = asn1.Marshal(pkix.AlgorithmIdentifier{Algorithm: sigOID, Parameters: sigParams}); err != nil {
-		return nil, fmt.Errorf("new signing CA: encode signature algorithm: %w", err)
-	}
-	for i, ku := range []x509.KeyUsage{
-		x509.KeyUsageDigitalSignature,
-		x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-	} {
-		if s.extPrefix[i], err = s.constantExtensions(ku); err != nil {
-			return nil, fmt.Errorf("new signing CA: encode extensions: %w", err)
-		}
+	if s.enc, err = x509enc.NewIssuer(cert, sigOID, sigParams); err != nil {
+		return nil, fmt.Errorf("new signing CA: %w", err)
 	}
 
 	// The chain a client needs above its leaf: cert and everything above
@@ -233,70 +196,6 @@ func verifyChain(chain []*x509.Certificate) error {
 	return nil
 }
 
-// constantExtensions returns the DER of the leaf extensions that precede
-// subjectAltName, in crypto/x509's order: keyUsage, extKeyUsage,
-// basicConstraints, authorityKeyIdentifier.
-func (s *SigningCA) constantExtensions(ku x509.KeyUsage) ([]byte, error) {
-	// keyUsage: a BIT STRING with bit 0 first, trimmed after its last set
-	// bit, exactly as x509.marshalKeyUsage does for usages in one byte.
-	kuBits := reverseBits(byte(ku))
-	kuDER, err := asn1.Marshal(asn1.BitString{Bytes: []byte{kuBits}, BitLength: 8 - trailingZeros(kuBits)})
-	if err != nil {
-		return nil, err
-	}
-	ekuDER, err := asn1.Marshal([]asn1.ObjectIdentifier{oidExtKeyUsageServerAuth, oidExtKeyUsageClientAuth})
-	if err != nil {
-		return nil, err
-	}
-	// BasicConstraintsValid, IsCA false, no path length: an empty SEQUENCE.
-	bcDER, err := asn1.Marshal(struct{}{})
-	if err != nil {
-		return nil, err
-	}
-	exts := []pkix.Extension{
-		{Id: oidExtensionKeyUsage, Critical: true, Value: kuDER},
-		{Id: oidExtensionExtendedKeyUsage, Value: ekuDER},
-		{Id: oidExtensionBasicConstraints, Critical: true, Value: bcDER},
-	}
-	// x509 adds the authority key ID only when issuer and subject differ;
-	// the leaf's subject is empty.
-	if len(s.cert.SubjectKeyId) > 0 && !bytes.Equal(s.issuer, emptyASN1Subject) {
-		akid, err := asn1.Marshal(struct {
-			ID []byte `asn1:"optional,tag:0"`
-		}{s.cert.SubjectKeyId})
-		if err != nil {
-			return nil, err
-		}
-		exts = append(exts, pkix.Extension{Id: oidExtensionAuthorityKeyID, Value: akid})
-	}
-	var out []byte
-	for _, e := range exts {
-		der, err := asn1.Marshal(e)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, der...)
-	}
-	return out, nil
-}
-
-func reverseBits(b byte) byte {
-	var r byte
-	for i := 0; i < 8; i++ {
-		r = r<<1 | b&1
-		b >>= 1
-	}
-	return r
-}
-
-func trailingZeros(b byte) int {
-	n := 0
-	for n < 8 && b&(1<<n) == 0 {
-		n++
-	}
-	return n
-}
-
 // Certificate returns the certificate Sign signs as. Callers must not
 // modify it.
 func (s *SigningCA) Certificate() *x509.Certificate { return s.cert }
@@ -351,55 +250,26 @@ func (s *SigningCA) Sign(req SignRequest) (*SignResponse, error) {
 	if req.ID.IsZero() && len(req.DNSNames) == 0 && len(req.IPAddresses) == 0 {
 		return nil, fmt.Errorf("sign leaf: no SPIFFE ID, DNS name or IP address: %w", ErrInvalidSignRequest)
 	}
-	for _, name := range req.DNSNames {
-		if !isIA5String(name) {
-			return nil, fmt.Errorf("sign leaf: DNS name %q is not ASCII: %w", name, ErrInvalidSignRequest)
-		}
-	}
-	for _, ip := range req.IPAddresses {
-		if len(ip) != net.IPv4len && len(ip) != net.IPv6len {
-			return nil, fmt.Errorf("sign leaf: IP address of %d bytes: %w", len(ip), ErrInvalidSignRequest)
-		}
+	if err := x509enc.CheckNames(req.DNSNames, req.IPAddresses); err != nil {
+		return nil, fmt.Errorf("sign leaf: %w: %w", err, ErrInvalidSignRequest)
 	}
 
-	serial, err := randomSerial()
+	serial, err := RandomSerial()
 	if err != nil {
 		return nil, fmt.Errorf("sign leaf: %w", err)
 	}
 
-	prefix := s.extPrefix[0]
-	if rsaLeaf {
-		prefix = s.extPrefix[1]
-	}
 	uri := ""
 	if !req.ID.IsZero() {
 		uri = req.ID.String()
 	}
-
-	b := cryptobyte.NewBuilder(make([]byte, 0, 256+len(s.issuer)+len(csr.RawSubjectPublicKeyInfo)+len(prefix)+len(uri)))
-	b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-		b.AddASN1(cbasn1.Tag(0).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
-			b.AddASN1Int64(2) // v3
-		})
-		b.AddASN1BigInt(serial)
-		b.AddBytes(s.sigAlgID)
-		b.AddBytes(s.issuer)
-		b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-			addASN1Time(b, notBefore)
-			addASN1Time(b, notAfter)
-		})
-		b.AddBytes(emptyASN1Subject)
-		b.AddBytes(csr.RawSubjectPublicKeyInfo)
-		b.AddASN1(cbasn1.Tag(3).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
-			b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-				b.AddBytes(prefix)
-				addSANExtension(b, uri, req.DNSNames, req.IPAddresses)
-			})
-		})
+	tbs, err := s.enc.TBS(x509enc.Leaf{
+		Serial: serial, NotBefore: notBefore, NotAfter: notAfter,
+		SPKI: csr.RawSubjectPublicKeyInfo, RSA: rsaLeaf,
+		URI: uri, DNSNames: req.DNSNames, IPAddresses: req.IPAddresses,
 	})
-	tbs, err := b.Bytes()
 	if err != nil {
-		return nil, fmt.Errorf("sign leaf: encode certificate: %w", err)
+		return nil, fmt.Errorf("sign leaf: %w", err)
 	}
 
 	sig, err := s.signTBS(tbs)
@@ -407,15 +277,9 @@ func (s *SigningCA) Sign(req SignRequest) (*SignResponse, error) {
 		return nil, fmt.Errorf("sign leaf: %w", err)
 	}
 
-	cb := cryptobyte.NewBuilder(make([]byte, 0, len(tbs)+len(s.sigAlgID)+len(sig)+16))
-	cb.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-		b.AddBytes(tbs)
-		b.AddBytes(s.sigAlgID)
-		b.AddASN1BitString(sig)
-	})
-	der, err := cb.Bytes()
+	der, err := s.enc.Certificate(tbs, sig)
 	if err != nil {
-		return nil, fmt.Errorf("sign leaf: encode certificate: %w", err)
+		return nil, fmt.Errorf("sign leaf: %w", err)
 	}
 	return &SignResponse{
 		Leaf:      der,
@@ -488,85 +352,6 @@ func checkLeafKey(pub crypto.PublicKey) (isRSA bool, err error) {
 	return false, fmt.Errorf("unsupported leaf key type %T", pub)
 }
 
-// randomSerial returns a random, positive, non-zero 128-bit serial number.
-func randomSerial() (*big.Int, error) {
-	var buf [16]byte
-	for {
-		if _, err := rand.Read(buf[:]); err != nil {
-			return nil, fmt.Errorf("generate serial: %w", err)
-		}
-		if n := new(big.Int).SetBytes(buf[:]); n.Sign() > 0 {
-			return n, nil
-		}
-	}
-}
-
-// addSANExtension appends a critical subjectAltName extension holding, in
-// crypto/x509's order, the DNS names, the IP addresses (IPv4 in 4 bytes)
-// and the URI, if any.
-func addSANExtension(b *cryptobyte.Builder, uri string, dnsNames []string, ips []net.IP) {
-	b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-		b.AddASN1ObjectIdentifier(oidExtensionSubjectAltName)
-		b.AddASN1Boolean(true) // critical: the subject is empty (RFC 5280 4.2.1.6)
-		b.AddASN1(cbasn1.OCTET_STRING, func(b *cryptobyte.Builder) {
-			b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-				for _, name := range dnsNames {
-					b.AddASN1(cbasn1.Tag(2).ContextSpecific(), func(b *cryptobyte.Builder) {
-						b.AddBytes([]byte(name))
-					})
-				}
-				for _, ip := range ips {
-					if v4 := ip.To4(); v4 != nil {
-						ip = v4
-					}
-					b.AddASN1(cbasn1.Tag(7).ContextSpecific(), func(b *cryptobyte.Builder) {
-						b.AddBytes(ip)
-					})
-				}
-				if uri != "" {
-					b.AddASN1(cbasn1.Tag(6).ContextSpecific(), func(b *cryptobyte.Builder) {
-						b.AddBytes([]byte(uri))
-					})
-				}
-			})
-		})
-	})
-}
-
-// addASN1Time appends t (UTC, whole seconds) as encoding/asn1 does: a
-// UTCTime for the years 1950 to 2049, a GeneralizedTime otherwise.
-func addASN1Time(b *cryptobyte.Builder, t time.Time) {
-	year := t.Year()
-	if year < 0 || year > 9999 {
-		b.SetError(fmt.Errorf("cannot encode time %s", t))
-		return
-	}
-	var buf [15]byte
-	out := buf[:0]
-	tag := cbasn1.UTCTime
-	if year < 1950 || year >= 2050 {
-		tag = cbasn1.GeneralizedTime
-		out = appendDigits(out, year/100)
-	}
-	out = appendDigits(out, year%100)
-	out = appendDigits(out, int(t.Month()))
-	out = appendDigits(out, t.Day())
-	out = appendDigits(out, t.Hour())
-	out = appendDigits(out, t.Minute())
-	out = appendDigits(out, t.Second())
-	out = append(out, 'Z')
-	b.AddASN1(tag, func(b *cryptobyte.Builder) { b.AddBytes(out) })
-}
-
-func appendDigits(dst []byte, v int) []byte {
-	return append(dst, byte('0'+v/10), byte('0'+v%10))
-}
-
-func isIA5String(s string) bool {
-	for _, r := range s {
-		if r > unicode.MaxASCII {
-			return false
-		}
-	}
-	return true
-}
+// NotAfter returns the earliest NotAfter in the chain: no leaf signed now
+// may outlive it.
+func (s *SigningCA) NotAfter() time.Time { return s.notAfter }

@@ -3,6 +3,7 @@
 package backendtest
 
 import (
+	"context"
 	"crypto"
 	"crypto/x509"
 	"encoding/pem"
@@ -20,16 +21,18 @@ import (
 
 // Run checks the contract of ca.Backend against backends made by
 // newBackend, which is called once per subtest and must return a ready
-// backend (its Run loop, if any, need not be running) whose signing
-// certificate stays valid for at least two more hours. It uses the real
-// clock for the validity it requests.
+// backend whose signing certificate (or, for an Authority, whose minted
+// intermediate) stays valid for at least two more hours. Each backend is
+// put under a ca.CA, so Holders, Authorities and Upstreams answer the same
+// questions the way meshca uses them. It uses the real clock for the
+// validity it requests.
 func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 	t.Helper()
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/backendtest/sa/workload")
 
 	for _, kt := range []struct{ name, kind string }{{name: "ECDSA-P256", kind: "P-256"}, {name: "RSA-2048", kind: "RSA-2048"}} {
 		t.Run("SignsWorkloadLeaf/"+kt.name, func(t *testing.T) {
-			b := newBackend(t)
+			b := build(t, newBackend)
 			key := catest.Key(t, kt.kind)
 			notBefore := time.Now().Add(-time.Minute).Truncate(time.Second)
 			notAfter := notBefore.Add(time.Hour)
@@ -68,7 +71,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 	}
 
 	t.Run("CapsNotAfter", func(t *testing.T) {
-		b := newBackend(t)
+		b := build(t, newBackend)
 		probe := sign(t, b, id)
 		signing := parseChain(t, probe.ChainPEM)[0]
 		notBefore := time.Now().Truncate(time.Second)
@@ -84,7 +87,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 	})
 
 	t.Run("SerialsUnique", func(t *testing.T) {
-		b := newBackend(t)
+		b := build(t, newBackend)
 		seen := map[string]bool{}
 		for range 50 {
 			s := sign(t, b, id).Serial.String()
@@ -94,7 +97,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 	})
 
 	t.Run("ConcurrentSign", func(t *testing.T) {
-		b := newBackend(t)
+		b := build(t, newBackend)
 		csr := catest.CSR(t, catest.Key(t, "P-256"))
 		const workers, each = 8, 10
 		var (
@@ -127,12 +130,30 @@ func Run(t *testing.T, newBackend func(t *testing.T) ca.Backend) {
 	})
 }
 
-func sign(t *testing.T, b ca.Backend, id spiffeid.ID) *ca.SignResponse {
+func sign(t *testing.T, b signer, id spiffeid.ID) *ca.SignResponse {
 	t.Helper()
 	now := time.Now()
 	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: id, NotBefore: now, NotAfter: now.Add(time.Hour)})
 	require.NoError(t, err)
 	return resp
+}
+
+// signer is a backend under a CA, seen as the edges see it.
+type signer struct{ c *ca.CA }
+
+func (s signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
+	return s.c.Sign(ctx, req)
+}
+
+func (s signer) TrustBundle(context.Context) ([]*x509.Certificate, error) {
+	return s.c.State().Roots, nil
+}
+
+func build(t *testing.T, newBackend func(t *testing.T) ca.Backend) signer {
+	t.Helper()
+	c, err := ca.New(t.Context(), ca.Config{Backend: newBackend(t)})
+	require.NoError(t, err)
+	return signer{c}
 }
 
 func parseLeaf(t *testing.T, resp *ca.SignResponse) *x509.Certificate {

@@ -1,27 +1,25 @@
 // Package plugged is the backend for an operator-provided CA in Istio's
-// "plugged-in certificates" layout (the cacerts secret): it signs leaves in
-// process with ca-cert.pem and ca-key.pem, and reloads the directory when
-// its contents change, so rotating the intermediate needs no restart.
+// "plugged-in certificates" layout (the cacerts secret). It is a ca.Holder:
+// the CA core signs leaves in process with ca-cert.pem and ca-key.pem, and
+// Watch reloads the directory when its contents change, so rotating the
+// intermediate (or adding a root) needs no restart.
 package plugged
 
 import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"sync/atomic"
 	"time"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/reload"
 )
 
 // File names in Config.Dir, as in Istio's cacerts secret.
@@ -62,21 +60,21 @@ type Config struct {
 	// Dir holds CACertFile, CAKeyFile, RootCertFile and, optionally,
 	// CertChainFile. Required.
 	Dir string `yaml:"dir"`
-	// ReloadInterval is how often Run reads the files and compares their
-	// content hash with the last one seen; a change triggers a reload.
-	// Polling contents (not modification times or inotify) also works for
-	// Kubernetes secret mounts, which swap a symlink. Default 5s.
+	// ReloadInterval is how often Watch reads the files. A change is
+	// loaded once two checks in a row read the same new contents (package
+	// reload). Default 5s.
 	ReloadInterval time.Duration `yaml:"reloadInterval"`
-	// OnReload, if set, is called by Run after each attempt to load
-	// changed files: with nil when the new set is in use, with the error
-	// (wrapping ErrInvalidFiles) when the last good set stays. It must not
-	// block; the CA core uses it to count reloads.
-	OnReload func(err error) `yaml:"-"`
+}
+
+// Deps are the runtime inputs of the backend, apart from its configuration.
+type Deps struct {
 	// Log receives operational logs. Default: discard. Key material is
 	// never logged.
-	Log *slog.Logger `yaml:"-"`
+	Log *slog.Logger
 	// Now is the clock. Default time.Now.
-	Now func() time.Time `yaml:"-"`
+	Now func() time.Time
+	// Reloads counts reloads as what="backend". Optional.
+	Reloads *reload.Metrics
 }
 
 // Validate reports every problem with c, each prefixed with its dotted
@@ -93,208 +91,142 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// Backend is the plugged backend. It implements ca.Backend, ca.Inspector
-// and ca.Runner, and is safe for concurrent use; Run must be called at
+// Backend is the plugged backend, a ca.Holder. Watch must be called at
 // most once.
 type Backend struct {
-	cfg Config
-	cur atomic.Pointer[loaded]
-}
-
-// loaded is one valid set of files.
-type loaded struct {
-	signing *ca.SigningCA
-	roots   []*x509.Certificate // the signing chain's root first
-	hash    [sha256.Size]byte
+	cfg  Config
+	deps Deps
+	// first is the set New loaded, and baseline its file contents.
+	first    ca.State
+	baseline reload.Snapshot
 }
 
 // New validates cfg and loads the files in cfg.Dir. It fails if they are
 // not a valid set; the error wraps ErrInvalidFiles and names the file.
-func New(cfg Config) (*Backend, error) {
+func New(cfg Config, deps Deps) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("plugged: %w", err)
 	}
 	if cfg.ReloadInterval == 0 {
 		cfg.ReloadInterval = DefaultReloadInterval
 	}
-	if cfg.Log == nil {
-		cfg.Log = slog.New(slog.DiscardHandler)
+	if deps.Log == nil {
+		deps.Log = slog.New(slog.DiscardHandler)
 	}
-	if cfg.Now == nil {
-		cfg.Now = time.Now
+	if deps.Now == nil {
+		deps.Now = time.Now
 	}
-	b := &Backend{cfg: cfg}
-	snap := readSnapshot(cfg.Dir)
-	l, err := b.load(snap)
+	b := &Backend{cfg: cfg, deps: deps}
+	b.baseline = reload.Read(b.paths()...)
+	st, err := b.load(b.baseline)
 	if err != nil {
 		return nil, fmt.Errorf("plugged: %w", err)
 	}
-	b.cur.Store(l)
-	b.logLoaded("loaded plugged CA", l)
+	b.first = st
+	b.logLoaded("loaded plugged CA", st)
 	return b, nil
 }
 
-// Sign issues a leaf with the current signing certificate. Once that has
-// expired (and no valid replacement was loaded) it fails with an error
-// wrapping ca.ErrBackendUnavailable.
-func (b *Backend) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("sign: %w", err)
-	}
-	s := b.cur.Load().signing
-	if na := s.Certificate().NotAfter; !b.cfg.Now().Before(na) {
-		return nil, fmt.Errorf("sign: %s in %s expired at %s: %w", CACertFile, b.cfg.Dir, na.Format(time.RFC3339), ca.ErrBackendUnavailable)
-	}
-	return s.Sign(req)
-}
-
-// TrustBundle returns the roots in root-cert.pem, the one the signing
-// certificate chains to first. It never fails.
-func (b *Backend) TrustBundle(context.Context) ([]*x509.Certificate, error) {
-	roots := b.cur.Load().roots
-	return append([]*x509.Certificate(nil), roots...), nil
-}
-
-// SigningChain returns ca-cert, the intermediates above it and the root it
-// chains to, as loaded last.
-func (b *Backend) SigningChain() []*x509.Certificate {
-	return b.cur.Load().signing.Chain()
-}
-
-// Run checks the files every ReloadInterval until ctx is done, then returns
-// nil. When their contents change, a valid new set replaces the current
-// one atomically; an invalid one is logged and reported to OnReload, and
-// the last good set stays in use. A set that changes while being read is
-// left for the next check.
-func (b *Backend) Run(ctx context.Context) error {
-	seen := b.cur.Load().hash
-	ticker := time.NewTicker(b.cfg.ReloadInterval)
-	defer ticker.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-ticker.C:
-		}
-		snap := readSnapshot(b.cfg.Dir)
-		if snap.hash == seen {
-			continue
-		}
-		// Read again: a writer replacing files one by one (or a reader
-		// racing a secret update) could have shown a torn set.
-		if again := readSnapshot(b.cfg.Dir); again.hash != snap.hash {
-			continue
-		}
-		seen = snap.hash
-		l, err := b.load(snap)
-		if err != nil {
-			b.cfg.Log.Error("plugged CA files changed but are invalid; keeping the last good set", "dir", b.cfg.Dir, "err", err)
-		} else {
-			b.cur.Store(l)
-			b.logLoaded("reloaded plugged CA", l)
-		}
-		if b.cfg.OnReload != nil {
-			b.cfg.OnReload(err)
-		}
-	}
-}
-
-func (b *Backend) logLoaded(msg string, l *loaded) {
-	c := l.signing.Certificate()
-	b.cfg.Log.Info(msg, "dir", b.cfg.Dir, "subject", c.Subject.String(), "serial", fmt.Sprintf("%x", c.SerialNumber),
-		"notAfter", c.NotAfter, "root", l.signing.Root().Subject.String(), "roots", len(l.roots))
-}
-
-// snapshot is the raw contents of the four files, read once.
-type snapshot struct {
-	files map[string]fileContent
-	hash  [sha256.Size]byte
-}
-
-type fileContent struct {
-	data []byte
-	err  error // fs.ErrNotExist for a missing file
-}
-
-// readSnapshot reads the files in dir. Read errors are recorded, not
-// returned: they are part of what changed.
-func readSnapshot(dir string) snapshot {
-	s := snapshot{files: map[string]fileContent{}}
-	h := sha256.New()
+// paths are the files, in a fixed order.
+func (b *Backend) paths() []string {
+	var ps []string
 	for _, name := range []string{CACertFile, CAKeyFile, RootCertFile, CertChainFile} {
-		data, err := os.ReadFile(filepath.Join(dir, name))
-		s.files[name] = fileContent{data: data, err: err}
-		status := "ok"
-		if err != nil {
-			status = err.Error()
-		}
-		for _, part := range [][]byte{[]byte(name), []byte(status), data} {
-			h.Write(binary.BigEndian.AppendUint64(nil, uint64(len(part))))
-			h.Write(part)
-		}
+		ps = append(ps, filepath.Join(b.cfg.Dir, name))
 	}
-	h.Sum(s.hash[:0])
-	return s
+	return ps
+}
+
+// Current implements ca.Holder: the set New loaded. Later sets reach the
+// CA through Watch.
+func (b *Backend) Current() ca.State { return b.first }
+
+// Watch implements ca.Holder. It checks the files every ReloadInterval
+// until ctx is done, then returns nil. A settled, valid new set is
+// published; an invalid one is logged and counted, and the last good set
+// stays in use. An expired set is invalid: meshca keeps signing with the
+// last good one until it, too, expires (then signing fails as
+// Unavailable).
+func (b *Backend) Watch(ctx context.Context, publish func(ca.State)) error {
+	p := &reload.Poller{
+		Paths: b.paths(), Interval: b.cfg.ReloadInterval, What: "backend",
+		Metrics: b.deps.Reloads, Log: b.deps.Log,
+		Apply: func(snap reload.Snapshot) error {
+			st, err := b.load(snap)
+			if err != nil {
+				return err
+			}
+			publish(st)
+			b.logLoaded("reloaded plugged CA", st)
+			return nil
+		},
+	}
+	return p.Run(ctx, b.baseline)
+}
+
+func (b *Backend) logLoaded(msg string, st ca.State) {
+	c := st.Signing.Certificate()
+	b.deps.Log.Info(msg, "dir", b.cfg.Dir, "subject", c.Subject.String(), "serial", fmt.Sprintf("%x", c.SerialNumber),
+		"notAfter", c.NotAfter, "root", st.Signing.Root().Subject.String(), "roots", len(st.Roots))
 }
 
 // load parses and checks a snapshot. Errors wrap ErrInvalidFiles and never
 // include key material.
-func (b *Backend) load(snap snapshot) (*loaded, error) {
+func (b *Backend) load(snap reload.Snapshot) (ca.State, error) {
 	fail := func(file, format string, args ...any) error {
 		return fmt.Errorf("load %s: %s: %w", filepath.Join(b.cfg.Dir, file), fmt.Sprintf(format, args...), ErrInvalidFiles)
 	}
 	read := func(name string, optional bool) ([]byte, error) {
-		fc := snap.files[name]
+		fc := snap.Files[filepath.Join(b.cfg.Dir, name)]
 		switch {
-		case fc.err == nil:
-			return fc.data, nil
-		case optional && errors.Is(fc.err, fs.ErrNotExist):
+		case fc.Err == nil:
+			return fc.Data, nil
+		case optional && errors.Is(fc.Err, fs.ErrNotExist):
 			return nil, nil
 		}
-		return nil, fmt.Errorf("load %s: %w: %w", name, fc.err, ErrInvalidFiles)
+		return nil, fmt.Errorf("load %s: %w: %w", name, fc.Err, ErrInvalidFiles)
 	}
 
 	data, err := read(CACertFile, false)
 	if err != nil {
-		return nil, err
+		return ca.State{}, err
 	}
 	caCerts, err := parseCerts(data)
 	if err != nil || len(caCerts) == 0 {
-		return nil, fail(CACertFile, "want a PEM certificate: %v", orNone(err))
+		return ca.State{}, fail(CACertFile, "want a PEM certificate: %v", orNone(err))
 	}
 	caCert := caCerts[0]
 	if !caCert.BasicConstraintsValid || !caCert.IsCA || caCert.KeyUsage&x509.KeyUsageCertSign == 0 {
-		return nil, fail(CACertFile, "certificate %q is not a CA allowed to sign certificates", caCert.Subject)
+		return ca.State{}, fail(CACertFile, "certificate %q is not a CA allowed to sign certificates", caCert.Subject)
 	}
 
 	data, err = read(CAKeyFile, false)
 	if err != nil {
-		return nil, err
+		return ca.State{}, err
 	}
 	key, err := parseKey(data)
 	if err != nil {
-		return nil, fail(CAKeyFile, "%v", err)
+		return ca.State{}, fail(CAKeyFile, "%v", err)
 	}
 	if pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(caCert.PublicKey) {
-		return nil, fail(CAKeyFile, "key does not match the certificate in %s", CACertFile)
+		return ca.State{}, fail(CAKeyFile, "key does not match the certificate in %s", CACertFile)
 	}
 
 	data, err = read(RootCertFile, false)
 	if err != nil {
-		return nil, err
+		return ca.State{}, err
 	}
 	roots, err := parseCerts(data)
 	if err != nil || len(roots) == 0 {
-		return nil, fail(RootCertFile, "want one or more PEM certificates: %v", orNone(err))
+		return ca.State{}, fail(RootCertFile, "want one or more PEM certificates: %v", orNone(err))
 	}
 
 	data, err = read(CertChainFile, true)
 	if err != nil {
-		return nil, err
+		return ca.State{}, err
 	}
 	between, err := parseCerts(data)
 	if err != nil {
-		return nil, fail(CertChainFile, "%v", err)
+		return ca.State{}, fail(CertChainFile, "%v", err)
 	}
 	// Istio's cert-chain.pem starts with ca-cert and may end with the root.
 	if len(between) > 0 && between[0].Equal(caCert) {
@@ -322,11 +254,11 @@ func (b *Backend) load(snap snapshot) (*loaded, error) {
 		}
 	}
 	if anchor < 0 {
-		return nil, fail(CertChainFile, "%s and the chain in %s do not lead to a certificate in %s", CACertFile, CertChainFile, RootCertFile)
+		return ca.State{}, fail(CertChainFile, "%s and the chain in %s do not lead to a certificate in %s", CACertFile, CertChainFile, RootCertFile)
 	}
 	root := roots[anchor]
 
-	now := b.cfg.Now()
+	now := b.deps.Now()
 	expired := func(file string, c *x509.Certificate) error {
 		if now.Before(c.NotAfter) {
 			return nil
@@ -334,15 +266,15 @@ func (b *Backend) load(snap snapshot) (*loaded, error) {
 		return fail(file, "certificate %q expired at %s", c.Subject, c.NotAfter.Format(time.RFC3339))
 	}
 	if err := expired(CACertFile, caCert); err != nil {
-		return nil, err
+		return ca.State{}, err
 	}
 	for _, c := range between {
 		if err := expired(CertChainFile, c); err != nil {
-			return nil, err
+			return ca.State{}, err
 		}
 	}
 	if err := expired(RootCertFile, root); err != nil {
-		return nil, err
+		return ca.State{}, err
 	}
 
 	var chain []*x509.Certificate // above ca-cert, root last; none if ca-cert is the root
@@ -351,11 +283,11 @@ func (b *Backend) load(snap snapshot) (*loaded, error) {
 	}
 	s, err := ca.NewSigningCA(caCert, key, chain)
 	if err != nil {
-		return nil, fail(CertChainFile, "%s does not chain to %s through it: %v", CACertFile, RootCertFile, err)
+		return ca.State{}, fail(CertChainFile, "%s does not chain to %s through it: %v", CACertFile, RootCertFile, err)
 	}
 	ordered := append([]*x509.Certificate{root}, roots[:anchor]...)
 	ordered = append(ordered, roots[anchor+1:]...)
-	return &loaded{signing: s, roots: ordered, hash: snap.hash}, nil
+	return ca.State{Signing: s, Roots: ordered}, nil
 }
 
 // parseCerts parses every CERTIFICATE block in data.

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 
@@ -22,13 +24,10 @@ import (
 	"github.com/meshca/meshca/backends/plugged"
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
+	"github.com/meshca/meshca/ca/reload"
 )
 
-var (
-	_ ca.Backend   = (*plugged.Backend)(nil)
-	_ ca.Inspector = (*plugged.Backend)(nil)
-	_ ca.Runner    = (*plugged.Backend)(nil)
-)
+var _ ca.Holder = (*plugged.Backend)(nil)
 
 var testID = spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/web")
 
@@ -90,7 +89,7 @@ func istioFiles(t *testing.T, caCert *x509.Certificate, caKey crypto.Signer, roo
 	}
 }
 
-func signLeaf(t *testing.T, b ca.Backend) (*x509.Certificate, []string) {
+func signLeaf(t *testing.T, b held) (*x509.Certificate, []string) {
 	t.Helper()
 	now := time.Now()
 	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Hour)})
@@ -100,7 +99,7 @@ func signLeaf(t *testing.T, b ca.Backend) (*x509.Certificate, []string) {
 	return leaf, resp.ChainPEM
 }
 
-func verifyLeaf(t *testing.T, b ca.Backend, leaf *x509.Certificate, chainPEM []string) {
+func verifyLeaf(t *testing.T, b held, leaf *x509.Certificate, chainPEM []string) {
 	t.Helper()
 	bundle, err := b.TrustBundle(t.Context())
 	require.NoError(t, err)
@@ -116,6 +115,34 @@ func verifyLeaf(t *testing.T, b ca.Backend, leaf *x509.Certificate, chainPEM []s
 	require.NoError(t, err)
 }
 
+// held is a plugged backend under a CA, as meshca uses it.
+type held struct{ c *ca.CA }
+
+func (h held) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
+	return h.c.Sign(ctx, req)
+}
+
+func (h held) TrustBundle(context.Context) ([]*x509.Certificate, error) {
+	return h.c.State().Roots, nil
+}
+
+func (h held) SigningChain() []*x509.Certificate { return h.c.State().Signing.Chain() }
+
+// Run runs the CA, and with it the backend's Watch.
+func (h held) Run(ctx context.Context) error { return h.c.Run(ctx) }
+
+// newHeld loads a plugged backend from cfg and puts it under a CA.
+func newHeld(t *testing.T, cfg plugged.Config, deps plugged.Deps) (held, error) {
+	t.Helper()
+	b, err := plugged.New(cfg, deps)
+	if err != nil {
+		return held{}, err
+	}
+	c, err := ca.New(t.Context(), ca.Config{Backend: b, Now: deps.Now})
+	require.NoError(t, err)
+	return held{c}, nil
+}
+
 func TestConformance(t *testing.T) {
 	p := newCA3(t)
 	backendtest.Run(t, func(t *testing.T) ca.Backend {
@@ -126,7 +153,7 @@ func TestConformance(t *testing.T) {
 			plugged.RootCertFile:  certsPEM(p.root),
 			plugged.CertChainFile: certsPEM(p.leafCA, p.inter, p.root),
 		})
-		b, err := plugged.New(plugged.Config{Dir: dir})
+		b, err := plugged.New(plugged.Config{Dir: dir}, plugged.Deps{})
 		require.NoError(t, err)
 		return b
 	})
@@ -217,7 +244,7 @@ func TestNew_Layouts(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			writeFiles(t, dir, tc.files)
-			b, err := plugged.New(plugged.Config{Dir: dir})
+			b, err := newHeld(t, plugged.Config{Dir: dir}, plugged.Deps{})
 			require.NoError(t, err)
 			require.Equal(t, tc.wantChain, b.SigningChain())
 			bundle, err := b.TrustBundle(t.Context())
@@ -277,7 +304,7 @@ func TestNew_InvalidFiles(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			writeFiles(t, dir, tc.files)
-			_, err := plugged.New(plugged.Config{Dir: dir})
+			_, err := plugged.New(plugged.Config{Dir: dir}, plugged.Deps{})
 			require.ErrorIs(t, err, plugged.ErrInvalidFiles)
 			require.ErrorContains(t, err, tc.wantFile)
 		})
@@ -289,23 +316,41 @@ func TestSign_ExpiredSigningCertIsUnavailable(t *testing.T) {
 	dir := t.TempDir()
 	writeFiles(t, dir, istioFiles(t, p.inter, p.interKey, p.root))
 	var now time.Time
-	b, err := plugged.New(plugged.Config{Dir: dir, Now: func() time.Time { return now }})
+	b, err := newHeld(t, plugged.Config{Dir: dir}, plugged.Deps{Now: func() time.Time { return now }})
 	require.NoError(t, err)
 	now = p.inter.NotAfter
 	_, err = b.Sign(t.Context(), ca.SignRequest{})
 	require.ErrorIs(t, err, ca.ErrBackendUnavailable)
 }
 
-// reloads records what Run reports to OnReload.
+// reloads records the outcome of each reload Watch attempts, as its log
+// reports them: nil for a set put in use, the error for one refused.
 type reloads struct {
 	mu   sync.Mutex
 	errs []error
 }
 
-func (r *reloads) add(err error) {
+func (r *reloads) Enabled(context.Context, slog.Level) bool { return true }
+func (r *reloads) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *reloads) WithGroup(string) slog.Handler            { return r }
+
+func (r *reloads) Handle(_ context.Context, rec slog.Record) error {
+	var err error
+	rec.Attrs(func(a slog.Attr) bool {
+		if e, ok := a.Value.Any().(error); ok && a.Key == "err" {
+			err = e
+		}
+		return true
+	})
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.errs = append(r.errs, err)
+	switch {
+	case rec.Message == "reloaded changed files":
+		r.errs = append(r.errs, nil)
+	case err != nil:
+		r.errs = append(r.errs, err)
+	}
+	return nil
 }
 
 func (r *reloads) get() []error {
@@ -323,15 +368,17 @@ func TestRun_Reloads(t *testing.T) {
 		dir := t.TempDir()
 		writeFiles(t, dir, istioFiles(t, p.inter, p.interKey, p.root))
 		var got reloads
-		b, err := plugged.New(plugged.Config{Dir: dir, ReloadInterval: time.Second, OnReload: got.add})
+		metrics := reload.NewMetrics(nil)
+		b, err := newHeld(t, plugged.Config{Dir: dir, ReloadInterval: time.Second}, plugged.Deps{Log: slog.New(&got), Reloads: metrics})
 		require.NoError(t, err)
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error, 1)
 		go func() { done <- b.Run(ctx) }()
 
+		// Two checks: one sees a change, the next finds it settled.
 		tick := func() {
 			t.Helper()
-			time.Sleep(time.Second)
+			time.Sleep(2 * time.Second)
 			synctest.Wait()
 		}
 
@@ -379,6 +426,8 @@ func TestRun_Reloads(t *testing.T) {
 		require.Len(t, got.get(), 4)
 		require.NoError(t, got.get()[3])
 		require.Equal(t, p.inter, b.SigningChain()[0])
+		require.Equal(t, 2.0, testutil.ToFloat64(metrics.Reloads.WithLabelValues("backend", "success")))
+		require.Equal(t, 2.0, testutil.ToFloat64(metrics.Reloads.WithLabelValues("backend", "failure")))
 
 		cancel()
 		synctest.Wait()
@@ -406,7 +455,7 @@ func TestRun_SymlinkSwap(t *testing.T) {
 		}
 
 		var got reloads
-		b, err := plugged.New(plugged.Config{Dir: dir, OnReload: got.add})
+		b, err := newHeld(t, plugged.Config{Dir: dir}, plugged.Deps{Log: slog.New(&got)})
 		require.NoError(t, err)
 		require.Equal(t, p.inter, b.SigningChain()[0])
 		ctx, cancel := context.WithCancel(t.Context())
@@ -416,7 +465,7 @@ func TestRun_SymlinkSwap(t *testing.T) {
 		// Swap ..data the way the kubelet does: a new symlink renamed over it.
 		require.NoError(t, os.Symlink("..v2", filepath.Join(dir, "..data_tmp")))
 		require.NoError(t, os.Rename(filepath.Join(dir, "..data_tmp"), filepath.Join(dir, "..data")))
-		time.Sleep(plugged.DefaultReloadInterval)
+		time.Sleep(2 * plugged.DefaultReloadInterval)
 		synctest.Wait()
 		require.Equal(t, []error{nil}, got.get())
 		require.Equal(t, newInter, b.SigningChain()[0])

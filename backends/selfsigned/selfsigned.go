@@ -1,17 +1,15 @@
 // Package selfsigned is the backend that is its own root: it generates a
-// self-signed root (or reloads one from a directory) and signs leaves in
-// process, directly with the root or with an in-memory intermediate that
-// Run replaces before it expires.
+// self-signed root (or reloads one from a directory). Without an
+// intermediate it is a ca.Holder whose root signs leaves; with one it is a
+// ca.Authority that mints, from the root, the intermediates the CA core
+// generates and rotates.
 package selfsigned
 
 import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -22,29 +20,22 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
-	"sync/atomic"
+	"slices"
+	"strings"
 	"time"
 
+	"github.com/google/renameio/v2"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshca/meshca/ca"
 )
 
-// Key types for Config.KeyType.
-const (
-	KeyECDSAP256 = "ECDSA-P256"
-	KeyECDSAP384 = "ECDSA-P384"
-	KeyRSA2048   = "RSA-2048"
-	KeyRSA3072   = "RSA-3072"
-	KeyRSA4096   = "RSA-4096"
-)
-
 // Defaults for the zero fields of Config.
 const (
-	DefaultKeyType                   = KeyECDSAP256
+	DefaultKeyType                   = ca.KeyECDSAP256
 	DefaultRootTTL                   = 10 * 365 * 24 * time.Hour
-	DefaultIntermediateTTL           = 30 * 24 * time.Hour
-	DefaultIntermediateRenewFraction = 0.5
+	DefaultIntermediateTTL           = ca.DefaultIntermediateTTL
+	DefaultIntermediateRenewFraction = ca.DefaultIntermediateRenewFraction
 	DefaultOrganization              = "meshca"
 )
 
@@ -55,16 +46,12 @@ const (
 )
 
 // MinIntermediateTTL is the shortest IntermediateTTL Validate accepts.
-const MinIntermediateTTL = 10 * time.Minute
+const MinIntermediateTTL = ca.MinIntermediateTTL
 
 const (
 	// caBackdate moves CA certificates' NotBefore into the past, so that
 	// relying parties whose clocks lag still accept a new intermediate.
 	caBackdate = 5 * time.Minute
-	// minRotationWait is the least time between intermediate rotations
-	// and the wait after a failed one, so that an intermediate squeezed by
-	// an expiring root cannot make Run spin.
-	minRotationWait = time.Minute
 	// configPath prefixes Validate's error paths.
 	configPath = "backend.selfSigned."
 )
@@ -80,7 +67,7 @@ type Config struct {
 	// KeyType is the type of the root's and the intermediate's keys:
 	// ECDSA-P256 (default), ECDSA-P384, RSA-2048, RSA-3072 or RSA-4096.
 	// A root reloaded from Dir keeps the key it has.
-	KeyType string `yaml:"keyType"`
+	KeyType ca.KeyType `yaml:"keyType"`
 	// RootTTL is the lifetime of a newly generated root. Default 10 years.
 	// meshca does not rotate the root.
 	RootTTL time.Duration `yaml:"rootTTL"`
@@ -108,10 +95,14 @@ type Config struct {
 	// TrustDomain, if set, is named in the CA certificates' common names
 	// ("meshca root for cluster.local"). It has no other effect.
 	TrustDomain string `yaml:"trustDomain"`
+}
+
+// Deps are the runtime inputs of the backend, apart from its configuration.
+type Deps struct {
 	// Log receives operational logs. Default: discard.
-	Log *slog.Logger `yaml:"-"`
+	Log *slog.Logger
 	// Now is the clock. Default time.Now.
-	Now func() time.Time `yaml:"-"`
+	Now func() time.Time
 }
 
 // Validate reports every problem with c, each prefixed with its dotted
@@ -121,11 +112,8 @@ func (c Config) Validate() error {
 	bad := func(field, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s%s: %s", configPath, field, fmt.Sprintf(format, args...)))
 	}
-	switch c.KeyType {
-	case "", KeyECDSAP256, KeyECDSAP384, KeyRSA2048, KeyRSA3072, KeyRSA4096:
-	default:
-		bad("keyType", "unknown key type %q, want %s, %s, %s, %s or %s", c.KeyType,
-			KeyECDSAP256, KeyECDSAP384, KeyRSA2048, KeyRSA3072, KeyRSA4096)
+	if c.KeyType != "" && !slices.Contains(ca.CAKeyTypes, c.KeyType) {
+		bad("keyType", "unknown key type %q, want %s", c.KeyType, keyTypeList())
 	}
 	if c.RootTTL < 0 {
 		bad("rootTTL", "must not be negative (0 means the default, %s)", DefaultRootTTL)
@@ -166,160 +154,160 @@ func (c Config) withDefaults() Config {
 	if c.Organization == "" {
 		c.Organization = DefaultOrganization
 	}
-	if c.Log == nil {
-		c.Log = slog.New(slog.DiscardHandler)
-	}
-	if c.Now == nil {
-		c.Now = time.Now
-	}
 	return c
 }
 
-// Backend is the selfsigned backend. It implements ca.Backend, ca.Inspector
-// and ca.Runner, and is safe for concurrent use.
-type Backend struct {
-	cfg     Config
-	root    *x509.Certificate
-	rootKey crypto.Signer
-	signing atomic.Pointer[ca.SigningCA]
+// Intermediate returns the shape of the intermediates the CA core should
+// generate, for when c.Intermediate is set.
+func (c Config) IntermediateConfig() ca.IntermediateConfig {
+	d := c.withDefaults()
+	return ca.IntermediateConfig{
+		TTL: d.IntermediateTTL, RenewFraction: d.IntermediateRenewFraction, KeyType: d.KeyType,
+		Subject: d.subject("intermediate"),
+	}
 }
 
-// New validates cfg, loads or generates the root and, if
-// cfg.Intermediate, mints the first intermediate. Errors about the files in
-// cfg.Dir wrap ErrInvalidRoot and name the file.
-func New(cfg Config) (*Backend, error) {
+// subject names a CA certificate of the given role.
+func (c Config) subject(role string) pkix.Name {
+	cn := "meshca " + role
+	if c.TrustDomain != "" {
+		cn += " for " + c.TrustDomain
+	}
+	return pkix.Name{CommonName: cn, Organization: []string{c.Organization}}
+}
+
+func keyTypeList() string {
+	names := make([]string, len(ca.CAKeyTypes))
+	for i, k := range ca.CAKeyTypes {
+		names[i] = string(k)
+	}
+	return strings.Join(names, ", ")
+}
+
+// Root is the root, loaded or generated. As a ca.Holder it signs leaves
+// itself; meshca does not rotate it.
+type Root struct {
+	cfg   Config
+	log   *slog.Logger
+	now   func() time.Time
+	cert  *x509.Certificate
+	key   crypto.Signer
+	state ca.State
+}
+
+// Authority mints intermediates from the Root, for the CA core's keys.
+type Authority struct {
+	root *Root
+}
+
+// New validates cfg and loads or generates the root. It returns a *Root
+// (a ca.Holder) or, when cfg.Intermediate is set, an *Authority (a
+// ca.Authority; the CA core then needs cfg.IntermediateConfig()). Errors about
+// the files in cfg.Dir wrap ErrInvalidRoot and name the file.
+func New(cfg Config, deps Deps) (ca.Backend, error) {
+	r, err := NewRoot(cfg, deps)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Intermediate {
+		return &Authority{root: r}, nil
+	}
+	return r, nil
+}
+
+// NewRoot is New without the choice: the Root, whatever cfg.Intermediate
+// says.
+func NewRoot(cfg Config, deps Deps) (*Root, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
-	cfg = cfg.withDefaults()
-	b := &Backend{cfg: cfg}
+	if deps.Log == nil {
+		deps.Log = slog.New(slog.DiscardHandler)
+	}
+	if deps.Now == nil {
+		deps.Now = time.Now
+	}
+	b := &Root{cfg: cfg.withDefaults(), log: deps.Log, now: deps.Now}
 
 	var err error
 	if cfg.Dir == "" {
-		b.root, b.rootKey, err = b.newRoot()
+		b.cert, b.key, err = b.newRoot()
 		if err != nil {
 			return nil, fmt.Errorf("selfsigned: %w", err)
 		}
-		cfg.Log.Info("generated in-memory root; it lasts until restart", "subject", b.root.Subject.String(),
-			"serial", fmt.Sprintf("%x", b.root.SerialNumber), "notAfter", b.root.NotAfter)
-	} else if b.root, b.rootKey, err = b.loadOrCreateRoot(); err != nil {
+		b.log.Info("generated in-memory root; it lasts until restart", "subject", b.cert.Subject.String(),
+			"serial", fmt.Sprintf("%x", b.cert.SerialNumber), "notAfter", b.cert.NotAfter)
+	} else if b.cert, b.key, err = b.loadOrCreateRoot(); err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
-
-	if !cfg.Intermediate {
-		s, err := ca.NewSigningCA(b.root, b.rootKey, nil)
-		if err != nil {
-			return nil, fmt.Errorf("selfsigned: %w", err)
-		}
-		b.signing.Store(s)
-		return b, nil
-	}
-	if err := b.rotate(); err != nil {
+	s, err := ca.NewSigningCA(b.cert, b.key, nil)
+	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
+	b.state = ca.State{Signing: s, Roots: []*x509.Certificate{b.cert}}
 	return b, nil
 }
 
-// Sign issues a leaf with the current signing CA. It does not block.
-func (b *Backend) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("sign: %w", err)
-	}
-	return b.signing.Load().Sign(req)
-}
+// Certificate returns the root certificate. Callers must not modify it.
+func (b *Root) Certificate() *x509.Certificate { return b.cert }
 
-// TrustBundle returns the root. It never fails.
-func (b *Backend) TrustBundle(context.Context) ([]*x509.Certificate, error) {
-	return []*x509.Certificate{b.root}, nil
-}
+// Current implements ca.Holder: the root signs.
+func (b *Root) Current() ca.State { return b.state }
 
-// SigningChain returns the certificate leaves are signed with now and the
-// certificates above it, root last.
-func (b *Backend) SigningChain() []*x509.Certificate {
-	return b.signing.Load().Chain()
-}
-
-// Run replaces the intermediate at its renewal point (a fraction of its
-// lifetime) until ctx is done, then returns nil. Leaves signed by an older
-// intermediate keep verifying: they carry it in their chain and the root is
-// unchanged. Without an intermediate Run only waits for ctx. A failed
-// rotation is logged and retried a minute later; the old intermediate
-// stays in use meanwhile.
-func (b *Backend) Run(ctx context.Context) error {
-	if !b.cfg.Intermediate {
-		<-ctx.Done()
-		return nil
-	}
-	timer := time.NewTimer(b.untilRenewal())
-	defer timer.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-timer.C:
-		}
-		wait := b.untilRenewal()
-		if wait <= 0 {
-			if err := b.rotate(); err != nil {
-				b.cfg.Log.Error("rotate intermediate failed; keeping the current one", "err", err)
-				wait = minRotationWait
-			} else {
-				wait = max(b.untilRenewal(), minRotationWait)
-			}
-		}
-		timer.Reset(wait)
-	}
-}
-
-// untilRenewal returns how long until the current intermediate should be
-// replaced.
-func (b *Backend) untilRenewal() time.Duration {
-	cert := b.signing.Load().Certificate()
-	at := ca.RenewAt(cert.NotBefore, cert.NotAfter, b.cfg.IntermediateRenewFraction, 0)
-	return at.Sub(b.cfg.Now())
-}
-
-// rotate mints a new intermediate and puts it in use.
-func (b *Backend) rotate() error {
-	key, err := generateKey(b.cfg.KeyType)
-	if err != nil {
-		return err
-	}
-	now := b.cfg.Now()
-	notAfter := now.Add(b.cfg.IntermediateTTL)
-	if notAfter.After(b.root.NotAfter) {
-		notAfter = b.root.NotAfter
-	}
-	tmpl, err := b.caTemplate("intermediate", now, notAfter)
-	if err != nil {
-		return err
-	}
-	tmpl.MaxPathLen, tmpl.MaxPathLenZero = 0, true
-	cert, err := createCA(tmpl, b.root, key, b.rootKey)
-	if err != nil {
-		return fmt.Errorf("create intermediate: %w", err)
-	}
-	s, err := ca.NewSigningCA(cert, key, []*x509.Certificate{b.root})
-	if err != nil {
-		return fmt.Errorf("create intermediate: %w", err)
-	}
-	b.signing.Store(s)
-	b.cfg.Log.Info("minted intermediate", "serial", fmt.Sprintf("%x", cert.SerialNumber),
-		"notAfter", cert.NotAfter, "renewAt", ca.RenewAt(cert.NotBefore, cert.NotAfter, b.cfg.IntermediateRenewFraction, 0))
+// Watch implements ca.Holder. The root never changes while meshca runs.
+func (b *Root) Watch(ctx context.Context, _ func(ca.State)) error {
+	<-ctx.Done()
 	return nil
 }
 
+// MintCA implements ca.Authority: it signs an intermediate for req.CSR's
+// key with the root, named by the CSR's subject, valid from a little
+// before now for req.TTL but never past the root, with path length 0.
+func (a *Authority) MintCA(ctx context.Context, req ca.MintRequest) (*ca.MintedCA, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("mint intermediate: %w", err)
+	}
+	r := a.root
+	if req.CSR == nil {
+		return nil, errors.New("mint intermediate: no CSR")
+	}
+	if err := req.CSR.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("mint intermediate: CSR signature: %w", err)
+	}
+	now := r.now()
+	notAfter := now.Add(req.TTL)
+	if notAfter.After(r.cert.NotAfter) {
+		notAfter = r.cert.NotAfter
+	}
+	serial, err := ca.RandomSerial()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := caTemplate(serial, req.CSR.Subject, now, notAfter)
+	tmpl.MaxPathLen, tmpl.MaxPathLenZero = 0, true
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, r.cert, req.CSR.PublicKey, r.key)
+	if err != nil {
+		return nil, fmt.Errorf("mint intermediate: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("mint intermediate: %w", err)
+	}
+	return &ca.MintedCA{Cert: cert, Chain: []*x509.Certificate{r.cert}, Roots: []*x509.Certificate{r.cert}}, nil
+}
+
 // newRoot generates a root key and self-signed certificate.
-func (b *Backend) newRoot() (*x509.Certificate, crypto.Signer, error) {
-	key, err := generateKey(b.cfg.KeyType)
+func (b *Root) newRoot() (*x509.Certificate, crypto.Signer, error) {
+	key, err := ca.GenerateKey(b.cfg.KeyType)
 	if err != nil {
 		return nil, nil, err
 	}
-	now := b.cfg.Now()
-	tmpl, err := b.caTemplate("root", now, now.Add(b.cfg.RootTTL))
+	serial, err := ca.RandomSerial()
 	if err != nil {
 		return nil, nil, err
 	}
+	now := b.now()
+	tmpl := caTemplate(serial, b.cfg.subject("root"), now, now.Add(b.cfg.RootTTL))
 	// One intermediate may sit below the root, whether or not this run
 	// uses one: the setting can change while the persisted root stays.
 	tmpl.MaxPathLen = 1
@@ -330,27 +318,19 @@ func (b *Backend) newRoot() (*x509.Certificate, crypto.Signer, error) {
 	return cert, key, nil
 }
 
-// caTemplate returns a CA certificate template named for role, valid from
-// a little before now until notAfter, with a random serial.
-func (b *Backend) caTemplate(role string, now, notAfter time.Time) (*x509.Certificate, error) {
-	serial, err := randomSerial()
-	if err != nil {
-		return nil, err
-	}
-	cn := "meshca " + role
-	if b.cfg.TrustDomain != "" {
-		cn += " for " + b.cfg.TrustDomain
-	}
+// caTemplate returns a CA certificate template for subject, valid from a
+// little before now until notAfter.
+func caTemplate(serial *big.Int, subject pkix.Name, now, notAfter time.Time) *x509.Certificate {
 	return &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: cn, Organization: []string{b.cfg.Organization}},
+		Subject:               subject,
 		NotBefore:             now.Add(-caBackdate),
 		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		// SubjectKeyId is derived from the key by x509.CreateCertificate.
-	}, nil
+	}
 }
 
 // createCA signs tmpl (with key's public key) by parent and parses it.
@@ -364,7 +344,7 @@ func createCA(tmpl, parent *x509.Certificate, key, parentKey crypto.Signer) (*x5
 
 // loadOrCreateRoot loads the root from cfg.Dir, or generates and writes one
 // if neither file exists.
-func (b *Backend) loadOrCreateRoot() (*x509.Certificate, crypto.Signer, error) {
+func (b *Root) loadOrCreateRoot() (*x509.Certificate, crypto.Signer, error) {
 	certPath := filepath.Join(b.cfg.Dir, RootCertFile)
 	keyPath := filepath.Join(b.cfg.Dir, RootKeyFile)
 	certExists, err := exists(certPath)
@@ -399,19 +379,21 @@ func (b *Backend) loadOrCreateRoot() (*x509.Certificate, crypto.Signer, error) {
 	}
 	// The key goes first: a crash between the two leaves only the key,
 	// which New reports rather than silently replacing.
-	if err := writeFileAtomic(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		return nil, nil, err
+	// renameio writes a synced temporary file and renames it over the
+	// path: a crash leaves the old contents or all of the new.
+	if err := renameio.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return nil, nil, fmt.Errorf("write %s: %w", keyPath, err)
 	}
-	if err := writeFileAtomic(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644); err != nil {
-		return nil, nil, err
+	if err := renameio.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644); err != nil {
+		return nil, nil, fmt.Errorf("write %s: %w", certPath, err)
 	}
-	b.cfg.Log.Info("generated root", "dir", b.cfg.Dir, "subject", cert.Subject.String(),
+	b.log.Info("generated root", "dir", b.cfg.Dir, "subject", cert.Subject.String(),
 		"serial", fmt.Sprintf("%x", cert.SerialNumber), "notAfter", cert.NotAfter)
 	return cert, key, nil
 }
 
 // loadRoot reads and checks a persisted root.
-func (b *Backend) loadRoot(certPath, keyPath string) (*x509.Certificate, crypto.Signer, error) {
+func (b *Root) loadRoot(certPath, keyPath string) (*x509.Certificate, crypto.Signer, error) {
 	certPEM, err := os.ReadFile(certPath)
 	if err != nil {
 		return nil, nil, fmt.Errorf("load root: %w: %w", err, ErrInvalidRoot)
@@ -447,7 +429,7 @@ func (b *Backend) loadRoot(certPath, keyPath string) (*x509.Certificate, crypto.
 	if !cert.IsCA || !bytes.Equal(cert.RawIssuer, cert.RawSubject) {
 		return nil, nil, fmt.Errorf("load root: %s is not a self-signed CA certificate: %w", certPath, ErrInvalidRoot)
 	}
-	if now := b.cfg.Now(); !now.Before(cert.NotAfter) {
+	if now := b.now(); !now.Before(cert.NotAfter) {
 		return nil, nil, fmt.Errorf("load root: %s expired at %s; remove both root files to generate a new root (every workload must then trust it): %w",
 			certPath, cert.NotAfter.Format(time.RFC3339), ErrInvalidRoot)
 	}
@@ -455,7 +437,7 @@ func (b *Backend) loadRoot(certPath, keyPath string) (*x509.Certificate, crypto.
 	if _, err := ca.NewSigningCA(cert, key, nil); err != nil {
 		return nil, nil, fmt.Errorf("load root: %s: %w: %w", certPath, err, ErrInvalidRoot)
 	}
-	b.cfg.Log.Info("loaded root", "dir", b.cfg.Dir, "subject", cert.Subject.String(),
+	b.log.Info("loaded root", "dir", b.cfg.Dir, "subject", cert.Subject.String(),
 		"serial", fmt.Sprintf("%x", cert.SerialNumber), "notAfter", cert.NotAfter)
 	return cert, key, nil
 }
@@ -469,82 +451,4 @@ func exists(path string) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("check root file: %w: %w", err, ErrInvalidRoot)
-}
-
-// writeFileAtomic writes data to path so that path holds either its old
-// contents or all of data, even across a crash: a synced temporary file in
-// the same directory is renamed over it, and the directory is synced.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if err := f.Chmod(perm); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("write %s: sync directory: %w", path, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("write %s: sync directory: %w", path, err)
-	}
-	return nil
-}
-
-// generateKey returns a new key of a Config.KeyType.
-func generateKey(keyType string) (crypto.Signer, error) {
-	var k crypto.Signer
-	var err error
-	switch keyType {
-	case KeyECDSAP256:
-		k, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	case KeyECDSAP384:
-		k, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	case KeyRSA2048:
-		k, err = rsa.GenerateKey(rand.Reader, 2048)
-	case KeyRSA3072:
-		k, err = rsa.GenerateKey(rand.Reader, 3072)
-	case KeyRSA4096:
-		k, err = rsa.GenerateKey(rand.Reader, 4096)
-	default:
-		return nil, fmt.Errorf("generate key: unknown key type %q", keyType)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("generate %s key: %w", keyType, err)
-	}
-	return k, nil
-}
-
-// randomSerial returns a random, positive, non-zero 128-bit serial number.
-func randomSerial() (*big.Int, error) {
-	var buf [16]byte
-	for {
-		if _, err := rand.Read(buf[:]); err != nil {
-			return nil, fmt.Errorf("generate serial: %w", err)
-		}
-		if n := new(big.Int).SetBytes(buf[:]); n.Sign() > 0 {
-			return n, nil
-		}
-	}
 }

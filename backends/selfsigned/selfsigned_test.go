@@ -21,24 +21,51 @@ import (
 )
 
 var (
-	_ ca.Backend   = (*selfsigned.Backend)(nil)
-	_ ca.Inspector = (*selfsigned.Backend)(nil)
-	_ ca.Runner    = (*selfsigned.Backend)(nil)
+	_ ca.Holder    = (*selfsigned.Root)(nil)
+	_ ca.Authority = (*selfsigned.Authority)(nil)
 )
+
+// held is a selfsigned backend under a CA, as meshca uses it.
+type held struct{ c *ca.CA }
+
+func (h held) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
+	return h.c.Sign(ctx, req)
+}
+
+func (h held) TrustBundle(context.Context) ([]*x509.Certificate, error) {
+	return h.c.State().Roots, nil
+}
+
+func (h held) SigningChain() []*x509.Certificate { return h.c.State().Signing.Chain() }
+
+// Run runs the CA, which rotates the intermediate.
+func (h held) Run(ctx context.Context) error { return h.c.Run(ctx) }
+
+// newHeld builds the backend cfg describes and puts it under a CA.
+func newHeld(t *testing.T, cfg selfsigned.Config, deps selfsigned.Deps) (held, error) {
+	t.Helper()
+	b, err := selfsigned.New(cfg, deps)
+	if err != nil {
+		return held{}, err
+	}
+	c, err := ca.New(t.Context(), ca.Config{Backend: b, Intermediate: cfg.IntermediateConfig(), Now: deps.Now})
+	require.NoError(t, err)
+	return held{c}, nil
+}
 
 var testID = spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/web")
 
 func TestConformance(t *testing.T) {
 	t.Run("root signs", func(t *testing.T) {
 		backendtest.Run(t, func(t *testing.T) ca.Backend {
-			b, err := selfsigned.New(selfsigned.Config{})
+			b, err := selfsigned.New(selfsigned.Config{}, selfsigned.Deps{})
 			require.NoError(t, err)
 			return b
 		})
 	})
 	t.Run("intermediate signs", func(t *testing.T) {
 		backendtest.Run(t, func(t *testing.T) ca.Backend {
-			b, err := selfsigned.New(selfsigned.Config{Intermediate: true, Dir: t.TempDir()})
+			b, err := selfsigned.New(selfsigned.Config{Intermediate: true, Dir: t.TempDir()}, selfsigned.Deps{})
 			require.NoError(t, err)
 			return b
 		})
@@ -52,7 +79,7 @@ func TestConfigValidate(t *testing.T) {
 		wantPaths []string // each must appear in the error; none means valid
 	}{
 		{name: "zero value"},
-		{name: "everything set", cfg: selfsigned.Config{KeyType: selfsigned.KeyRSA3072, RootTTL: 24 * time.Hour, Intermediate: true,
+		{name: "everything set", cfg: selfsigned.Config{KeyType: ca.KeyRSA3072, RootTTL: 24 * time.Hour, Intermediate: true,
 			IntermediateTTL: time.Hour, IntermediateRenewFraction: 0.75, Dir: "/var/lib/meshca", Organization: "acme", TrustDomain: "example.org"}},
 		{name: "unknown key type", cfg: selfsigned.Config{KeyType: "Ed448"}, wantPaths: []string{"backend.selfSigned.keyType"}},
 		{name: "negative durations", cfg: selfsigned.Config{RootTTL: -1, IntermediateTTL: -1},
@@ -73,16 +100,16 @@ func TestConfigValidate(t *testing.T) {
 			for _, p := range tc.wantPaths {
 				require.ErrorContains(t, err, p)
 			}
-			_, err = selfsigned.New(tc.cfg)
+			_, err = selfsigned.New(tc.cfg, selfsigned.Deps{})
 			require.Error(t, err)
 		})
 	}
 }
 
 func TestNew_KeyTypesAndSubject(t *testing.T) {
-	for _, kt := range []string{selfsigned.KeyECDSAP256, selfsigned.KeyECDSAP384, selfsigned.KeyRSA2048, selfsigned.KeyRSA3072, selfsigned.KeyRSA4096} {
-		t.Run(kt, func(t *testing.T) {
-			b, err := selfsigned.New(selfsigned.Config{KeyType: kt, TrustDomain: "cluster.local", Intermediate: kt == selfsigned.KeyECDSAP384})
+	for _, kt := range ca.CAKeyTypes {
+		t.Run(string(kt), func(t *testing.T) {
+			b, err := newHeld(t, selfsigned.Config{KeyType: kt, TrustDomain: "cluster.local", Intermediate: kt == ca.KeyECDSAP384}, selfsigned.Deps{})
 			require.NoError(t, err)
 			bundle, err := b.TrustBundle(t.Context())
 			require.NoError(t, err)
@@ -99,7 +126,7 @@ func TestNew_KeyTypesAndSubject(t *testing.T) {
 
 			chain := b.SigningChain()
 			require.Equal(t, root, chain[len(chain)-1])
-			if kt == selfsigned.KeyECDSAP384 {
+			if kt == ca.KeyECDSAP384 {
 				require.Len(t, chain, 2)
 				inter := chain[0]
 				require.Equal(t, "meshca intermediate for cluster.local", inter.Subject.CommonName)
@@ -115,7 +142,7 @@ func TestNew_KeyTypesAndSubject(t *testing.T) {
 func TestRun_RotatesIntermediate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		b, err := selfsigned.New(selfsigned.Config{Intermediate: true, IntermediateTTL: 24 * time.Hour})
+		b, err := newHeld(t, selfsigned.Config{Intermediate: true, IntermediateTTL: 24 * time.Hour}, selfsigned.Deps{})
 		require.NoError(t, err)
 		roots, err := b.TrustBundle(t.Context())
 		require.NoError(t, err)
@@ -158,7 +185,7 @@ func TestRun_RotatesIntermediate(t *testing.T) {
 
 func TestRun_WithoutIntermediateWaits(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		b, err := selfsigned.New(selfsigned.Config{})
+		b, err := newHeld(t, selfsigned.Config{}, selfsigned.Deps{})
 		require.NoError(t, err)
 		before := b.SigningChain()
 		ctx, cancel := context.WithCancel(t.Context())
@@ -175,7 +202,7 @@ func TestRun_WithoutIntermediateWaits(t *testing.T) {
 
 func TestPersistence(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "ca")
-	b1, err := selfsigned.New(selfsigned.Config{Dir: dir, Intermediate: true})
+	b1, err := newHeld(t, selfsigned.Config{Dir: dir, Intermediate: true}, selfsigned.Deps{})
 	require.NoError(t, err)
 	root1, err := b1.TrustBundle(t.Context())
 	require.NoError(t, err)
@@ -200,7 +227,7 @@ func TestPersistence(t *testing.T) {
 
 	// A restart (with another key type configured) reloads the same root
 	// and mints a new intermediate from it.
-	b2, err := selfsigned.New(selfsigned.Config{Dir: dir, Intermediate: true, KeyType: selfsigned.KeyECDSAP384})
+	b2, err := newHeld(t, selfsigned.Config{Dir: dir, Intermediate: true, KeyType: ca.KeyECDSAP384}, selfsigned.Deps{})
 	require.NoError(t, err)
 	root2, err := b2.TrustBundle(t.Context())
 	require.NoError(t, err)
@@ -212,7 +239,7 @@ func TestPersistence(t *testing.T) {
 func TestPersistence_Errors(t *testing.T) {
 	// A valid root to break in various ways.
 	good := t.TempDir()
-	_, err := selfsigned.New(selfsigned.Config{Dir: good})
+	_, err := selfsigned.New(selfsigned.Config{Dir: good}, selfsigned.Deps{})
 	require.NoError(t, err)
 	goodCert := readFile(t, good, selfsigned.RootCertFile)
 	goodKey := readFile(t, good, selfsigned.RootKeyFile)
@@ -245,7 +272,7 @@ func TestPersistence_Errors(t *testing.T) {
 			for name, data := range tc.files {
 				require.NoError(t, os.WriteFile(filepath.Join(dir, name), data, 0o600))
 			}
-			_, err := selfsigned.New(selfsigned.Config{Dir: dir, Now: tc.now})
+			_, err := selfsigned.New(selfsigned.Config{Dir: dir}, selfsigned.Deps{Now: tc.now})
 			require.ErrorIs(t, err, selfsigned.ErrInvalidRoot)
 			require.ErrorContains(t, err, tc.wantFile)
 			// Nothing was overwritten.
@@ -261,7 +288,7 @@ type signed struct {
 	chainPEM []string
 }
 
-func signLeaf(t *testing.T, b ca.Backend, ttl time.Duration) signed {
+func signLeaf(t *testing.T, b held, ttl time.Duration) signed {
 	t.Helper()
 	now := time.Now()
 	resp, err := b.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(ttl)})

@@ -5,7 +5,6 @@ package catest
 import (
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
@@ -17,11 +16,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshca/meshca/ca"
 	"github.com/stretchr/testify/require"
 )
 
 // Key generates a key of the named kind: "P-224", "P-256", "P-384",
-// "P-521", "RSA-1024", "RSA-2048" or "Ed25519". An unknown kind fails the
+// "P-521", "RSA-1024", "RSA-2048", "RSA-3072" or "Ed25519". An unknown kind fails the
 // test. The weak kinds (P-224, RSA-1024) exist for tests that check they
 // are refused.
 func Key(t testing.TB, kind string) crypto.Signer {
@@ -31,20 +31,19 @@ func Key(t testing.TB, kind string) crypto.Signer {
 	switch kind {
 	case "P-224":
 		k, err = ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
-	case "P-256":
-		k, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	case "P-384":
-		k, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
 	case "P-521":
 		k, err = ecdsa.GenerateKey(elliptic.P521(), rand.Reader)
 	case "RSA-1024":
 		k, err = rsa.GenerateKey(rand.Reader, 1024)
-	case "RSA-2048":
-		k, err = rsa.GenerateKey(rand.Reader, 2048)
-	case "Ed25519":
-		_, k, err = ed25519.GenerateKey(rand.Reader)
 	default:
-		t.Fatalf("catest: unknown key kind %q", kind)
+		kt, ok := map[string]ca.KeyType{
+			"P-256": ca.KeyECDSAP256, "P-384": ca.KeyECDSAP384, "RSA-2048": ca.KeyRSA2048,
+			"RSA-3072": ca.KeyRSA3072, "Ed25519": ca.KeyEd25519,
+		}[kind]
+		if !ok {
+			t.Fatalf("catest: unknown key kind %q", kind)
+		}
+		k, err = ca.GenerateKey(kt)
 	}
 	require.NoError(t, err)
 	return k
@@ -101,6 +100,12 @@ func CSR(t testing.TB, key crypto.Signer) *x509.CertificateRequest {
 func CSRPEM(t testing.TB, key crypto.Signer, edit func(*x509.CertificateRequest), uris ...string) []byte {
 	t.Helper()
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER(t, key, edit, uris)})
+}
+
+// CSRDER is CSRPEM without the PEM.
+func CSRDER(t testing.TB, key crypto.Signer, edit func(*x509.CertificateRequest), uris ...string) []byte {
+	t.Helper()
+	return csrDER(t, key, edit, uris)
 }
 
 func csrDER(t testing.TB, key crypto.Signer, edit func(*x509.CertificateRequest), uris []string) []byte {

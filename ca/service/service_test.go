@@ -12,7 +12,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -31,10 +36,11 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshca/meshca/authn"
-	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
+	"github.com/meshca/meshca/ca/edge"
 	"github.com/meshca/meshca/ca/service"
+	"github.com/meshca/meshca/ca/serving"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -59,17 +65,30 @@ func (tt tokenTable) Authenticate(_ context.Context, creds authn.Credentials) (*
 	return &cc, nil
 }
 
-// switchableBackend is a Backend that can be taken down, for outage tests.
-type switchableBackend struct {
-	ca.Backend
-	down atomic.Bool
+// switchableUpstream is an Upstream (signing with a catest intermediate)
+// that can be taken down, for outage tests.
+type switchableUpstream struct {
+	state ca.State
+	down  atomic.Bool
 }
 
-func (b *switchableBackend) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
-	if b.down.Load() {
+func (u *switchableUpstream) SignLeaf(_ context.Context, req ca.SignRequest) (*ca.UpstreamLeaf, error) {
+	if u.down.Load() {
 		return nil, errors.New("upstream CA connection refused")
 	}
-	return b.Backend.Sign(ctx, req)
+	resp, err := u.state.Signing.Sign(req)
+	if err != nil {
+		return nil, err
+	}
+	leaf, err := x509.ParseCertificate(resp.Leaf)
+	if err != nil {
+		return nil, err
+	}
+	return &ca.UpstreamLeaf{Leaf: leaf, Chain: u.state.Signing.Chain()}, nil
+}
+
+func (u *switchableUpstream) TrustBundle(context.Context) ([]*x509.Certificate, error) {
+	return u.state.Roots, nil
 }
 
 // syncBuffer is an audit sink safe for the server's goroutines.
@@ -103,27 +122,40 @@ func (s *syncBuffer) lines(t *testing.T) []map[string]any {
 type fixture struct {
 	client  pb.IstioCertificateServiceClient
 	dial    func(cert *tls.Certificate) pb.IstioCertificateServiceClient
-	backend *switchableBackend
-	metrics *ca.Metrics
+	metrics *metrics
 	audit   *syncBuffer
 	roots   *x509.CertPool
 }
 
+// metrics are the CA core's and the edge's metrics together.
+type metrics struct {
+	core *ca.Metrics
+	edge *edge.Metrics
+	// Both sets' counters, by the names the tests use.
+	Requests, AuthnFailures, CSRRejections, TTLClamps *prometheus.CounterVec
+}
+
+// newFixture serves CreateCertificate over TLS on loopback, with a CA that
+// signs with an intermediate (catest.Holder).
 func newFixture(t *testing.T, policy *ca.Policy) *fixture {
 	t.Helper()
-	ss, err := selfsigned.New(selfsigned.Config{Intermediate: true})
-	require.NoError(t, err)
-	backend := &switchableBackend{Backend: ss}
+	return newFixtureWith(t, policy, catest.NewHolder(t, true))
+}
+
+func newFixtureWith(t *testing.T, policy *ca.Policy, backend ca.Backend) *fixture {
+	t.Helper()
 	if policy == nil {
 		policy = &ca.Policy{}
 	}
 	store, err := ca.NewPolicyStore(policy)
 	require.NoError(t, err)
-	metrics, err := ca.NewMetrics(prometheus.NewRegistry())
+	reg := prometheus.NewRegistry()
+	cm, em := ca.NewMetrics(reg), edge.NewMetrics(reg)
+	m := &metrics{core: cm, edge: em, Requests: em.Requests, AuthnFailures: em.AuthnFailures, CSRRejections: cm.CSRRejections, TTLClamps: cm.TTLClamps}
+	core, err := ca.New(t.Context(), ca.Config{Backend: backend, Policy: store, Metrics: cm})
 	require.NoError(t, err)
-	core, err := ca.New(ca.Config{Backend: backend, Policy: store, Metrics: metrics})
-	require.NoError(t, err)
-	cc, err := authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: ss.TrustBundle})
+	trustBundle := func(context.Context) ([]*x509.Certificate, error) { return core.State().Roots, nil }
+	cc, err := authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: trustBundle})
 	require.NoError(t, err)
 	mk := func(ns, sa string) *authn.Caller {
 		id, err := authn.ServiceAccountID(td, ns, sa)
@@ -136,10 +168,12 @@ func newFixture(t *testing.T, policy *ca.Policy) *fixture {
 	)
 	require.NoError(t, err)
 	audit := &syncBuffer{}
-	svc, err := service.New(service.Config{CA: core, Authenticator: chain, Metrics: metrics, Audit: ca.NewAuditor(audit)})
+	e, err := edge.New(edge.Edge{Service: service.ServiceLabel, Authenticator: chain, Metrics: em, Audit: edge.NewAuditor(audit)})
+	require.NoError(t, err)
+	svc, err := service.New(service.Config{CA: core, Edge: e})
 	require.NoError(t, err)
 
-	serving, err := ca.NewServingCert(t.Context(), ca.ServingConfig{Backend: ss, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}})
+	serving, err := serving.New(t.Context(), serving.Config{CA: core, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}})
 	require.NoError(t, err)
 	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
 		GetCertificate: serving.GetCertificate, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
@@ -151,9 +185,7 @@ func newFixture(t *testing.T, policy *ca.Policy) *fixture {
 	t.Cleanup(srv.Stop)
 
 	roots := x509.NewCertPool()
-	bundle, err := ss.TrustBundle(t.Context())
-	require.NoError(t, err)
-	for _, r := range bundle {
+	for _, r := range core.State().Roots {
 		roots.AddCert(r)
 	}
 	dial := func(cert *tls.Certificate) pb.IstioCertificateServiceClient {
@@ -166,7 +198,7 @@ func newFixture(t *testing.T, policy *ca.Policy) *fixture {
 		t.Cleanup(func() { conn.Close() })
 		return pb.NewIstioCertificateServiceClient(conn)
 	}
-	return &fixture{client: dial(nil), dial: dial, backend: backend, metrics: metrics, audit: audit, roots: roots}
+	return &fixture{client: dial(nil), dial: dial, metrics: m, audit: audit, roots: roots}
 }
 
 // csrFor is catest.CSRPEM as the string the Istio API carries.
@@ -362,15 +394,16 @@ func TestCreateCertificateClampsValidity(t *testing.T) {
 }
 
 func TestCreateCertificateBackendOutage(t *testing.T) {
-	f := newFixture(t, nil)
+	up := &switchableUpstream{state: catest.NewState(t, true, time.Now().Add(48*time.Hour))}
+	f := newFixtureWith(t, nil, up)
 	key := catest.Key(t, "P-256")
 	req := &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)}
-	f.backend.down.Store(true)
+	up.down.Store(true)
 	_, err := f.client.CreateCertificate(bearer(t, "tok-web"), req)
 	st := status.Convert(err)
 	require.Equal(t, codes.Unavailable, st.Code())
 	require.NotContains(t, st.Message(), "connection refused", "backend detail goes to the log, not the client")
-	f.backend.down.Store(false)
+	up.down.Store(false)
 	_, err = f.client.CreateCertificate(bearer(t, "tok-web"), req)
 	require.NoError(t, err, "recovers when the backend does")
 	lines := f.audit.lines(t)
@@ -401,8 +434,7 @@ func TestCreateCertificateRenewWithClientCert(t *testing.T) {
 	require.Equal(t, codes.PermissionDenied, status.Code(err))
 
 	// A certificate from another CA is refused.
-	other, err := selfsigned.New(selfsigned.Config{})
-	require.NoError(t, err)
+	other := catest.NewCA(t, false)
 	csrPEM := csrFor(t, key, nil, webID)
 	b, _ := pem.Decode([]byte(csrPEM))
 	csr, err := x509.ParseCertificateRequest(b.Bytes)
@@ -418,17 +450,48 @@ func TestCreateCertificateRenewWithClientCert(t *testing.T) {
 }
 
 // TestAuditReasonsAreUnambiguous guards the audit trail's `reason`: an
-// authentication reason and a CSR reason must never share a value, or a
-// line could not say which check refused the request.
+// authentication reason, a CSR reason and an edge reason must never share a
+// value, or a line could not say which check refused the request. It reads
+// every Reason*/CSR* string constant from the source of authn, ca and
+// ca/edge, so a reason added later is checked too.
 func TestAuditReasonsAreUnambiguous(t *testing.T) {
-	authnReasons := []string{authn.ReasonNoCredentials, authn.ReasonMalformed, authn.ReasonExpired, authn.ReasonNotYetValid,
-		authn.ReasonWrongAudience, authn.ReasonUnknownIssuer, authn.ReasonBadSignature, authn.ReasonUnknownKey,
-		authn.ReasonNotServiceAccount, authn.ReasonServiceAccountGone, authn.ReasonRejected, authn.ReasonUntrustedCert, authn.ReasonUnavailable}
-	other := []string{ca.CSRTooLarge, ca.CSREmpty, ca.CSRNotPEM, ca.CSRMalformed, ca.CSRBadSignature, ca.CSRRequestsCA,
-		ca.CSRForbiddenExtension, ca.CSRKeyType, "identity_mismatch", "bad_request", "backend_unavailable", "internal"}
-	seen := map[string]bool{}
-	for _, r := range append(authnReasons, other...) {
-		require.False(t, seen[r], "reason %q is used twice", r)
-		seen[r] = true
+	seen := map[string]string{}
+	for _, dir := range []string{"../../authn", "..", "../edge"} {
+		fset := token.NewFileSet()
+		pkgs, err := parser.ParseDir(fset, dir, func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, 0)
+		require.NoError(t, err)
+		for _, pkg := range pkgs {
+			for _, file := range pkg.Files {
+				for _, decl := range file.Decls {
+					gd, ok := decl.(*ast.GenDecl)
+					if !ok || gd.Tok != token.CONST {
+						continue
+					}
+					for _, spec := range gd.Specs {
+						vs := spec.(*ast.ValueSpec)
+						for i, name := range vs.Names {
+							if (!strings.HasPrefix(name.Name, "Reason") && !strings.HasPrefix(name.Name, "CSR")) || i >= len(vs.Values) {
+								continue
+							}
+							lit, ok := vs.Values[i].(*ast.BasicLit)
+							if !ok || lit.Kind != token.STRING {
+								continue
+							}
+							v, err := strconv.Unquote(lit.Value)
+							require.NoError(t, err)
+							where := pkg.Name + "." + name.Name
+							require.NotContains(t, seen, v, "reason %q is used by %s and %s", v, seen[v], where)
+							seen[v] = where
+						}
+					}
+				}
+			}
+		}
+	}
+	// The sets this test must have found: 13 authentication reasons, 8
+	// CSR reasons and 4 of the edge's own.
+	require.GreaterOrEqual(t, len(seen), 25, "found %v", seen)
+	for _, r := range []string{authn.ReasonMalformed, ca.CSRKeyType, edge.ReasonIdentityMismatch, edge.ReasonInternal} {
+		require.Contains(t, seen, r)
 	}
 }

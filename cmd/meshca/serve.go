@@ -12,35 +12,29 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	httppprof "net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/google/renameio/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/health"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
-	"github.com/meshca/meshca/authn"
 	"github.com/meshca/meshca/authn/kube"
 	"github.com/meshca/meshca/backends"
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/edge"
+	"github.com/meshca/meshca/ca/reload"
 	"github.com/meshca/meshca/ca/service"
+	"github.com/meshca/meshca/ca/serving"
 	"github.com/meshca/meshca/cmd/internal/config"
 	"github.com/meshca/meshca/cmd/internal/devkey"
 )
@@ -116,39 +110,26 @@ type server struct {
 	cfg       *config.Config
 	log       *slog.Logger
 	reg       *prometheus.Registry
-	backend   ca.Backend
-	serving   *ca.ServingCert
-	health    *health.Server
+	ca        *ca.CA
+	serving   *serving.Cert
 	grpc      *grpc.Server
 	runners   map[string]ca.Runner
-	saIndex   *kube.ServiceAccountIndex
-	jwt       *kube.JWT
-	notReady  atomic.Pointer[string]
+	authn     *kube.Authenticators
+	ready     *readiness
 	auditFile *os.File
-	ready     atomic.Bool
 	pprof     bool
 }
 
+// newServer builds every part from cfg, in dependency order: metrics, the
+// backend and the CA over it, the policy, the Kubernetes client and the
+// authenticators, the serving certificate, and the gRPC services.
 func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*server, error) {
 	s := &server{cfg: cfg, log: log, reg: prometheus.NewRegistry(), runners: map[string]ca.Runner{}}
 	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	metrics, err := ca.NewMetrics(s.reg)
-	if err != nil {
-		return nil, err
-	}
+	reloads := reload.NewMetrics(s.reg)
 	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
 	if err != nil {
 		return nil, fmt.Errorf("trustDomain: %w", err)
-	}
-
-	// Backend.
-	cfg.Backend.Plugged.OnReload = func(err error) { countReload(metrics, "backend", err) }
-	s.backend, err = backends.New(cfg.Backend, log.With("component", "backend"))
-	if err != nil {
-		return nil, fmt.Errorf("backend: %w", err)
-	}
-	if r, ok := s.backend.(ca.Runner); ok {
-		s.runners["backend"] = r
 	}
 
 	// Policy.
@@ -163,42 +144,77 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 	if cfg.Policy.File != "" {
 		s.runners["policy"] = &config.PolicyWatcher{
 			Path: cfg.Policy.File, Store: store, Loaded: loaded, Interval: cfg.Policy.ReloadInterval,
-			OnReload: func(err error) { countReload(metrics, "policy", err) },
-			Log:      log.With("component", "policy"),
+			Metrics: reloads, Log: log.With("component", "policy"),
 		}
 	}
-	core, err := ca.New(ca.Config{Backend: s.backend, Policy: store, Metrics: metrics, Log: log})
+
+	// Backend and the CA core over it.
+	backend, err := backends.New(ctx, cfg.Backend, backends.Deps{Log: log.With("component", "backend"), Reloads: reloads})
+	if err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	s.ca, err = ca.New(ctx, ca.Config{
+		Backend: backend, Intermediate: cfg.Backend.IntermediateConfig(), Policy: store,
+		Metrics: ca.NewMetrics(s.reg), Log: log.With("component", "ca"),
+	})
 	if err != nil {
 		return nil, err
 	}
+	s.runners["ca"] = s.ca
 
-	// Development mode: the token signer and a root file for clients.
+	// Development mode: the token signer, and the trust bundle for clients,
+	// rewritten whenever it changes.
 	if cfg.Dev.Enabled {
 		log.Warn("DEVELOPMENT MODE: tokens are verified against a local development key; never use this in production", "dir", cfg.Dev.Dir)
 		if _, err := devkey.Ensure(cfg.Dev.Dir); err != nil {
 			return nil, err
 		}
-		if err := writeRoots(ctx, s.backend, filepath.Join(cfg.Dev.Dir, devkey.RootFile)); err != nil {
+		rootFile := filepath.Join(cfg.Dev.Dir, devkey.RootFile)
+		if err := writeRoots(s.ca.State().Roots, rootFile); err != nil {
+			return nil, err
+		}
+		s.ca.Subscribe(func(ch ca.Change) {
+			if !ch.BundleChanged {
+				return
+			}
+			if err := writeRoots(ch.New.Roots, rootFile); err != nil {
+				log.Error("could not rewrite the dev trust bundle", "path", rootFile, "err", err)
+			}
+		})
+	}
+
+	// Authentication: the Kubernetes client is built once, here.
+	var client *kube.Client
+	if cfg.NeedsKube() {
+		client, err = kube.NewClient(cfg.Authn.Kubeconfig, cfg.Authn.KubeQPS, cfg.Authn.KubeBurst)
+		if err != nil {
 			return nil, err
 		}
 	}
-
-	// Authentication.
-	chain, err := s.authenticators(ctx, cfg, td, log)
+	s.authn, err = kube.New(ctx, kube.Config{
+		Chain: cfg.Authn.Chain, TrustDomain: td, Audiences: cfg.Authn.Audiences, Issuer: cfg.Authn.Issuer,
+		JWKSFile: cfg.Authn.JWT.JWKSFile, JWKSURL: cfg.Authn.JWT.JWKSURL, Skew: cfg.Authn.JWT.Skew,
+		RefetchInterval: cfg.Authn.JWT.RefetchInterval, MaxReviewsInFlight: cfg.Authn.MaxReviewsInFlight,
+		Cache:                kube.CacheConfig{MaxTTL: cfg.Authn.Cache.MaxTTL, MaxEntries: cfg.Authn.Cache.MaxEntries},
+		CheckServiceAccounts: *cfg.Authn.CheckServiceAccounts,
+	}, kube.Deps{Client: client, Roots: s.trustBundle, Log: log, Registerer: s.reg})
 	if err != nil {
 		return nil, err
 	}
+	if s.authn.ServiceAccounts != nil {
+		s.runners["serviceaccounts"] = s.authn.ServiceAccounts
+	}
 
 	// Serving certificate, gRPC and health.
-	s.serving, err = ca.NewServingCert(ctx, ca.ServingConfig{
-		Backend: s.backend, DNSNames: cfg.Server.DNSNames, IPAddresses: parseIPs(cfg.Server.IPAddresses),
+	s.serving, err = serving.New(ctx, serving.Config{
+		CA: s.ca, DNSNames: cfg.Server.DNSNames, IPAddresses: parseIPs(cfg.Server.IPAddresses),
 		TTL: cfg.Server.ServingTTL, Log: log.With("component", "serving-cert"),
 	})
 	if err != nil {
 		return nil, err
 	}
 	s.runners["serving-cert"] = s.serving
-	s.reg.MustRegister(&ca.ExpiryCollector{Backend: s.backend, Extra: func() map[string]*x509.Certificate {
+	s.reg.MustRegister(&ca.ExpiryCollector{CA: s.ca, Extra: func() map[string]*x509.Certificate {
 		return map[string]*x509.Certificate{"serving": s.serving.Leaf()}
 	}})
 
@@ -210,9 +226,14 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		}
 		s.auditFile, audit = f, f
 	}
-	svc, err := service.New(service.Config{
-		CA: core, Authenticator: chain, Metrics: metrics, Audit: ca.NewAuditor(audit), Log: log.With("component", "service"),
+	istioEdge, err := edge.New(edge.Edge{
+		Service: service.ServiceLabel, Authenticator: s.authn.Chain, Metrics: edge.NewMetrics(s.reg),
+		Audit: edge.NewAuditor(audit), Log: log.With("component", "service"),
 	})
+	if err != nil {
+		return nil, err
+	}
+	svc, err := service.New(service.Config{CA: s.ca, Edge: istioEdge})
 	if err != nil {
 		return nil, err
 	}
@@ -235,100 +256,13 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	svc.Register(s.grpc)
-	s.health = health.NewServer()
-	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
-	healthpb.RegisterHealthServer(s.grpc, s.health)
+	s.ready = newReadiness(s.grpc, log)
 	return s, nil
 }
 
-// reviewIssuer is the issuer TokenReview names when it explains a
-// rejection: the configured one, else the apiserver's. Failing to discover
-// it only makes those explanations vaguer, so it is not fatal.
-func (s *server) reviewIssuer(ctx context.Context, cfg *config.Config, restCfg *rest.Config, log *slog.Logger) string {
-	if cfg.Authn.Issuer != "" || restCfg == nil {
-		return cfg.Authn.Issuer
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	iss, err := kube.DiscoverIssuer(ctx, restCfg)
-	if err != nil {
-		log.Warn("could not discover the service-account issuer; rejected tokens will be explained less precisely", "err", err)
-	}
-	return iss
-}
-
-func (s *server) authenticators(ctx context.Context, cfg *config.Config, td spiffeid.TrustDomain, log *slog.Logger) (*authn.Chain, error) {
-	var (
-		restCfg *rest.Config
-		client  kubernetes.Interface
-		lookup  kube.ServiceAccountLookup
-	)
-	if cfg.NeedsKube() {
-		var err error
-		restCfg, err = kubeConfig(cfg.Authn.Kubeconfig)
-		if err != nil {
-			return nil, err
-		}
-		// client-go's default (5 QPS) would queue real cache misses behind
-		// a burst; an explicit bound keeps the apiserver safe all the same.
-		restCfg.QPS, restCfg.Burst = cfg.Authn.KubeQPS, cfg.Authn.KubeBurst
-		client, err = kubernetes.NewForConfig(restCfg)
-		if err != nil {
-			return nil, fmt.Errorf("kube client: %w", err)
-		}
-		if *cfg.Authn.CheckServiceAccounts {
-			s.saIndex = kube.NewServiceAccountIndex(client, log.With("component", "serviceaccounts"))
-			lookup = s.saIndex
-		}
-	}
-	cache := kube.CacheConfig{MaxTTL: cfg.Authn.Cache.MaxTTL, MaxEntries: cfg.Authn.Cache.MaxEntries}
-	var links []authn.Named
-	for _, name := range cfg.Authn.Chain {
-		var (
-			a   authn.Authenticator
-			err error
-		)
-		switch name {
-		case config.AuthClientCert:
-			a, err = authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Roots: s.backend.TrustBundle, ServiceAccounts: lookup})
-		case config.AuthJWT:
-			s.jwt, err = kube.NewJWT(kube.JWTConfig{
-				TrustDomain: td, Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,
-				JWKSFile: cfg.Authn.JWT.JWKSFile, JWKSURL: cfg.Authn.JWT.JWKSURL, Kube: restCfg,
-				Skew: cfg.Authn.JWT.Skew, RefetchInterval: cfg.Authn.JWT.RefetchInterval,
-				Cache: cache, ServiceAccounts: lookup, Log: log.With("component", "jwt"), Registerer: s.reg,
-			})
-			a = s.jwt
-		case config.AuthTokenReview:
-			a, err = kube.NewTokenReview(kube.TokenReviewConfig{
-				Client: client, TrustDomain: td, Audiences: cfg.Authn.Audiences, Issuer: s.reviewIssuer(ctx, cfg, restCfg, log),
-				Skew: cfg.Authn.JWT.Skew, MaxInFlight: cfg.Authn.MaxReviewsInFlight,
-				Cache: cache, ServiceAccounts: lookup, Log: log.With("component", "tokenreview"), Registerer: s.reg,
-			})
-		default:
-			err = fmt.Errorf("unknown authenticator %q", name) // Validate refuses this earlier
-		}
-		if err != nil {
-			return nil, fmt.Errorf("authn.chain %s: %w", name, err)
-		}
-		links = append(links, authn.Named{Name: name, Authenticator: a})
-	}
-	return authn.NewChain(links...)
-}
-
-func kubeConfig(path string) (*rest.Config, error) {
-	if path == "" {
-		c, err := rest.InClusterConfig()
-		if err != nil {
-			return nil, fmt.Errorf("in-cluster kube config (set authn.kubeconfig outside a cluster): %w", err)
-		}
-		return c, nil
-	}
-	c, err := clientcmd.BuildConfigFromFlags("", path)
-	if err != nil {
-		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
-	}
-	return c, nil
+// trustBundle is the CA's trust bundle, for the clientcert authenticator.
+func (s *server) trustBundle(context.Context) ([]*x509.Certificate, error) {
+	return s.ca.State().Roots, nil
 }
 
 func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
@@ -345,9 +279,6 @@ func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 			return nil
 		})
 	}
-	if s.saIndex != nil {
-		g.Go(func() error { return s.saIndex.Run(gctx) })
-	}
 	g.Go(func() error {
 		if err := s.grpc.Serve(grpcLis); err != nil {
 			return fmt.Errorf("serve gRPC: %w", err)
@@ -360,7 +291,7 @@ func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		}
 		return nil
 	})
-	g.Go(func() error { return s.becomeReady(gctx) })
+	g.Go(func() error { return s.ready.wait(gctx, s.readinessChecks()) })
 	g.Go(func() error {
 		<-gctx.Done()
 		s.shutdown(admin)
@@ -369,53 +300,32 @@ func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 	return g.Wait()
 }
 
-// becomeReady reports SERVING once the service-account watch has synced
-// and the jwt authenticator holds its issuer's keys. Until then /readyz
-// says what is missing, so a wrong JWKS path or missing RBAC shows at
-// once rather than as failed requests.
-func (s *server) becomeReady(ctx context.Context) error {
-	wait := func(what string, done func(context.Context) error) bool {
-		for {
-			err := done(ctx)
-			if err == nil {
-				return true
+// readinessChecks are what meshca waits for before it is ready: the
+// service-account watch has synced, and the jwt authenticator holds its
+// issuer's keys. Until then /readyz says what is missing, so a wrong JWKS
+// path or missing RBAC shows at once rather than as failed requests.
+func (s *server) readinessChecks() []check {
+	var checks []check
+	if sa := s.authn.ServiceAccounts; sa != nil {
+		checks = append(checks, check{"service-account watch", func(context.Context) error {
+			if !sa.HasSynced() {
+				return errors.New("not synced yet")
 			}
-			msg := what + ": " + err.Error()
-			if prev := s.notReady.Swap(&msg); prev == nil || *prev != msg {
-				s.log.Warn("not ready", "waiting_for", what, "err", err)
-			}
-			select {
-			case <-ctx.Done():
-				return false
-			case <-time.After(time.Second):
-			}
-		}
+			return nil
+		}})
 	}
-	if s.saIndex != nil && !wait("service-account watch", func(context.Context) error {
-		if !s.saIndex.HasSynced() {
-			return errors.New("not synced yet")
-		}
-		return nil
-	}) {
-		return nil
+	if j := s.authn.JWT; j != nil {
+		checks = append(checks, check{"jwt keys", func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			return j.Refresh(ctx)
+		}})
 	}
-	if s.jwt != nil && !wait("jwt keys", func(ctx context.Context) error {
-		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		return s.jwt.Refresh(ctx)
-	}) {
-		return nil
-	}
-	s.notReady.Store(nil)
-	s.ready.Store(true)
-	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	s.log.Info("meshca ready")
-	return nil
+	return checks
 }
 
 func (s *server) shutdown(admin *http.Server) {
-	s.ready.Store(false)
-	s.health.Shutdown()
+	s.ready.stop()
 	done := make(chan struct{})
 	go func() { s.grpc.GracefulStop(); close(done) }()
 	select {
@@ -436,55 +346,7 @@ func (s *server) close() {
 	}
 }
 
-func (s *server) adminMux() *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
-	if s.pprof {
-		mux.HandleFunc("/debug/pprof/", httppprof.Index)
-		mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
-	}
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		fmt.Fprintln(w, "ok")
-	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
-		var problems []string
-		if !s.ready.Load() {
-			why := "starting"
-			if p := s.notReady.Load(); p != nil {
-				why = "waiting for " + *p
-			}
-			problems = append(problems, why)
-		}
-		if leaf := s.serving.Leaf(); time.Now().After(leaf.NotAfter) {
-			problems = append(problems, "serving certificate expired")
-		}
-		if roots, err := s.backend.TrustBundle(r.Context()); err != nil || len(roots) == 0 {
-			problems = append(problems, fmt.Sprintf("backend has no trust bundle: %v", err))
-		}
-		if len(problems) > 0 {
-			http.Error(w, strings.Join(problems, "\n"), http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	return mux
-}
-
-func countReload(m *ca.Metrics, what string, err error) {
-	result := "success"
-	if err != nil {
-		result = "failure"
-	}
-	m.Reloads.WithLabelValues(what, result).Inc()
-}
-
-func writeRoots(ctx context.Context, b ca.Backend, path string) error {
-	roots, err := b.TrustBundle(ctx)
-	if err != nil {
-		return fmt.Errorf("read trust bundle: %w", err)
-	}
+func writeRoots(roots []*x509.Certificate, path string) error {
 	var buf []byte
 	for _, r := range roots {
 		buf = append(buf, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)

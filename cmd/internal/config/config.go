@@ -15,6 +15,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshca/meshca/authn/kube"
 	"github.com/meshca/meshca/backends"
 )
 
@@ -137,9 +138,9 @@ type Dev struct {
 
 // Authenticator names accepted in authn.chain.
 const (
-	AuthClientCert  = "clientcert"
-	AuthJWT         = "jwt"
-	AuthTokenReview = "tokenreview"
+	AuthClientCert  = kube.NameClientCert
+	AuthJWT         = kube.NameJWT
+	AuthTokenReview = kube.NameTokenReview
 )
 
 // Defaults returns a Config with every default filled in.

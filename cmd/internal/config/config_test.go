@@ -1,16 +1,21 @@
 package config
 
 import (
+	"bytes"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/reload"
 )
 
 func TestParseRejectsUnknownKeysByPath(t *testing.T) {
@@ -114,17 +119,15 @@ func TestPolicyWatcherReloads(t *testing.T) {
 		require.NoError(t, err)
 		store, err := ca.NewPolicyStore(p)
 		require.NoError(t, err)
-		var (
-			mu      sync.Mutex
-			results []error
-		)
+		var logs syncBuffer
+		metrics := reload.NewMetrics(nil)
+		count := func(result string) float64 {
+			return testutil.ToFloat64(metrics.Reloads.WithLabelValues("policy", result))
+		}
 		// An edit between loading and Run is still picked up.
 		write("default:\n  defaultTTL: 11h\n")
-		w := &PolicyWatcher{Path: path, Store: store, Loaded: loaded, Interval: 5 * time.Second, OnReload: func(err error) {
-			mu.Lock()
-			defer mu.Unlock()
-			results = append(results, err)
-		}}
+		w := &PolicyWatcher{Path: path, Store: store, Loaded: loaded, Interval: 5 * time.Second, Metrics: metrics,
+			Log: slog.New(slog.NewTextHandler(&logs, nil))}
 		go w.Run(t.Context())
 		ttl := func() time.Duration { return store.Policy().Resolve("a", "b").DefaultTTL }
 
@@ -134,7 +137,7 @@ func TestPolicyWatcherReloads(t *testing.T) {
 		require.Equal(t, 11*time.Hour, ttl(), "the edit made before Run is applied")
 		time.Sleep(20 * time.Second)
 		synctest.Wait()
-		require.Len(t, results, 1, "an unchanged file is not reloaded again")
+		require.Equal(t, 1.0, count("success"), "an unchanged file is not reloaded again")
 
 		write("default:\n  defaultTTL: 6h\n")
 		time.Sleep(5 * time.Second)
@@ -164,12 +167,27 @@ func TestPolicyWatcherReloads(t *testing.T) {
 		synctest.Wait()
 		require.Equal(t, 2*time.Hour, ttl())
 
-		mu.Lock()
-		defer mu.Unlock()
-		require.Len(t, results, 4, "one report per change; the bad version is reported once")
-		require.NoError(t, results[0])
-		require.NoError(t, results[1])
-		require.ErrorContains(t, results[2], "renewFraction")
-		require.NoError(t, results[3])
+		// One report per change; the bad version is reported once.
+		require.Equal(t, 3.0, count("success"))
+		require.Equal(t, 1.0, count("failure"))
+		require.Equal(t, 1, strings.Count(logs.String(), "renewFraction"), logs.String())
 	})
+}
+
+// syncBuffer is a log sink safe for the watcher's goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -1,17 +1,16 @@
 package config
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"time"
 
 	"go.yaml.in/yaml/v3"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/reload"
 )
 
 // ParsePolicy strictly decodes and validates a rotation policy. An empty
@@ -33,102 +32,59 @@ func ParsePolicy(data []byte) (*ca.Policy, error) {
 }
 
 // LoadPolicy reads the policy file at path; "" gives the built-in defaults.
-// It also returns the bytes it parsed, for PolicyWatcher.Loaded.
-func LoadPolicy(path string) (*ca.Policy, []byte, error) {
+// It also returns the contents it parsed, for PolicyWatcher.Loaded.
+func LoadPolicy(path string) (*ca.Policy, reload.Snapshot, error) {
 	if path == "" {
-		return &ca.Policy{}, nil, nil
+		return &ca.Policy{}, reload.Snapshot{}, nil
 	}
-	data, err := os.ReadFile(path)
+	snap := reload.Read(path)
+	f := snap.Files[path]
+	if f.Err != nil {
+		return nil, snap, fmt.Errorf("read policy: %w", f.Err)
+	}
+	p, err := ParsePolicy(f.Data)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read policy: %w", err)
+		return nil, snap, fmt.Errorf("policy %s: %w", path, err)
 	}
-	p, err := ParsePolicy(data)
-	if err != nil {
-		return nil, nil, fmt.Errorf("policy %s: %w", path, err)
-	}
-	return p, data, nil
+	return p, snap, nil
 }
 
-// PolicyWatcher puts a changed policy file in force. It polls the file's
-// contents rather than watching inotify events, which also catches the
-// symlink swap Kubernetes uses to update a mounted ConfigMap.
+// PolicyWatcher puts a changed policy file in force, by package reload's
+// rules: a change is applied once two checks in a row read the same new
+// contents. A new policy that fails to read, parse or validate is logged
+// and counted, and the last good one stays in force; the same bad contents
+// are not reported again.
 type PolicyWatcher struct {
 	// Path is the policy file. Required.
 	Path string
 	// Store receives each valid new policy. Required.
 	Store *ca.PolicyStore
-	// Loaded is the content of the policy in force when Run starts, so an
-	// edit made between loading and Run is not mistaken for the baseline.
-	// Nil reads the file when Run starts.
-	Loaded []byte
+	// Loaded is the contents of the policy in force when Run starts (from
+	// LoadPolicy), so an edit made between loading and Run is not mistaken
+	// for the baseline.
+	Loaded reload.Snapshot
 	// Interval between checks. Default 5s.
 	Interval time.Duration
-	// OnReload, if set, is called after each attempt with its outcome.
-	OnReload func(err error)
-	Log      *slog.Logger
+	// Metrics counts reloads as what="policy". Optional.
+	Metrics *reload.Metrics
+	Log     *slog.Logger
 }
 
-// Run checks the file every Interval until ctx is done. A change is put in
-// force only once two checks in a row read the same new contents, so a file
-// caught half-written is never applied. A new policy that fails to parse or
-// validate is logged and reported, and the last good one stays in force;
-// the same bad contents are not reported again.
+// Run checks the file every Interval until ctx is done.
 func (w *PolicyWatcher) Run(ctx context.Context) error {
-	if w.Interval <= 0 {
-		w.Interval = 5 * time.Second
-	}
-	log := w.Log
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	last := w.Loaded // the contents last acted on
-	if last == nil {
-		last, _ = os.ReadFile(w.Path)
-	}
-	// pending holds changed contents seen once, waiting to settle. It is a
-	// pointer because empty contents are a state of their own, not "none".
-	var pending *[]byte
-	t := time.NewTicker(w.Interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-		data, err := os.ReadFile(w.Path)
-		if err != nil {
-			if last != nil {
-				log.Error("policy file unreadable; keeping the policy in force", "path", w.Path, "err", err)
-				w.report(err)
-				last, pending = nil, nil
+	p := &reload.Poller{
+		Paths: []string{w.Path}, Interval: w.Interval, What: "policy", Metrics: w.Metrics, Log: w.Log,
+		Apply: func(snap reload.Snapshot) error {
+			f := snap.Files[w.Path]
+			if f.Err != nil {
+				return fmt.Errorf("read policy: %w", f.Err)
 			}
-			continue
-		}
-		if bytes.Equal(data, last) {
-			pending = nil
-			continue
-		}
-		if pending == nil || !bytes.Equal(data, *pending) {
-			pending = &data
-			continue
-		}
-		last, pending = data, nil
-		p, err := ParsePolicy(data)
-		if err == nil {
-			err = w.Store.Store(p)
-		}
-		if err != nil {
-			log.Error("new policy rejected; keeping the policy in force", "path", w.Path, "err", err)
-		} else {
-			log.Info("policy reloaded", "path", w.Path)
-		}
-		w.report(err)
+			p, err := ParsePolicy(f.Data)
+			if err != nil {
+				return err
+			}
+			return w.Store.Store(p)
+		},
 	}
-}
-
-func (w *PolicyWatcher) report(err error) {
-	if w.OnReload != nil {
-		w.OnReload(err)
-	}
+	return p.Run(ctx, w.Loaded)
 }

@@ -1,4 +1,7 @@
-package ca
+// Package serving keeps meshca's own TLS serving certificate fresh. The
+// certificate is signed by the CA core, so it chains to the same roots as
+// workload certificates and istio-agent's CA root verifies it.
+package serving
 
 import (
 	"context"
@@ -14,13 +17,19 @@ import (
 	"net"
 	"sync/atomic"
 	"time"
+
+	"github.com/meshca/meshca/ca"
 )
 
-// ServingConfig configures meshca's own TLS serving certificate.
-type ServingConfig struct {
-	// Backend issues the certificate, so it chains to the same roots as
-	// workload certificates and istio-agent's CA root verifies it. Required.
-	Backend Backend
+// A Signer signs meshca's own certificate; *ca.CA is one.
+type Signer interface {
+	Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error)
+}
+
+// Config configures meshca's own TLS serving certificate.
+type Config struct {
+	// CA issues the certificate. Required.
+	CA Signer
 	// DNSNames and IPAddresses are the certificate's SANs; at least one.
 	DNSNames    []string
 	IPAddresses []net.IP
@@ -34,18 +43,18 @@ type ServingConfig struct {
 	Now           func() time.Time
 }
 
-// ServingCert keeps a TLS certificate for meshca's listeners fresh: Run
+// Cert keeps a TLS certificate for meshca's listeners fresh: Run
 // replaces it before it expires, and GetCertificate always hands out the
 // newest one, so rotation needs no restart.
-type ServingCert struct {
-	cfg ServingConfig
+type Cert struct {
+	cfg Config
 	cur atomic.Pointer[tls.Certificate]
 }
 
-// NewServingCert issues the first certificate and returns a ServingCert.
-func NewServingCert(ctx context.Context, cfg ServingConfig) (*ServingCert, error) {
-	if cfg.Backend == nil {
-		return nil, errors.New("serving: Backend is required")
+// New issues the first certificate and returns a Cert.
+func New(ctx context.Context, cfg Config) (*Cert, error) {
+	if cfg.CA == nil {
+		return nil, errors.New("serving: CA is required")
 	}
 	if len(cfg.DNSNames) == 0 && len(cfg.IPAddresses) == 0 {
 		return nil, errors.New("serving: at least one DNS name or IP address is required")
@@ -65,7 +74,7 @@ func NewServingCert(ctx context.Context, cfg ServingConfig) (*ServingCert, error
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &ServingCert{cfg: cfg}
+	s := &Cert{cfg: cfg}
 	if err := s.renew(ctx); err != nil {
 		return nil, err
 	}
@@ -73,22 +82,22 @@ func NewServingCert(ctx context.Context, cfg ServingConfig) (*ServingCert, error
 }
 
 // GetCertificate is for tls.Config.GetCertificate.
-func (s *ServingCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+func (s *Cert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return s.cur.Load(), nil
 }
 
 // Leaf returns the certificate being served now.
-func (s *ServingCert) Leaf() *x509.Certificate { return s.cur.Load().Leaf }
+func (s *Cert) Leaf() *x509.Certificate { return s.cur.Load().Leaf }
 
 // Run replaces the certificate at its renewal point until ctx is done. A
 // failed renewal is retried every RetryInterval while the old certificate
 // is still served.
-func (s *ServingCert) Run(ctx context.Context) error {
+func (s *Cert) Run(ctx context.Context) error {
 	for {
 		leaf := s.Leaf()
 		// Never sooner than RetryInterval: a lifetime squeezed by an
 		// expiring CA must not turn renewal into a busy loop.
-		wait := max(RenewAt(leaf.NotBefore, leaf.NotAfter, s.cfg.RenewFraction, 0).Sub(s.cfg.Now()), s.cfg.RetryInterval)
+		wait := max(ca.RenewAt(leaf.NotBefore, leaf.NotAfter, s.cfg.RenewFraction, 0).Sub(s.cfg.Now()), s.cfg.RetryInterval)
 		for {
 			t := time.NewTimer(wait)
 			select {
@@ -109,7 +118,7 @@ func (s *ServingCert) Run(ctx context.Context) error {
 	}
 }
 
-func (s *ServingCert) renew(ctx context.Context) error {
+func (s *Cert) renew(ctx context.Context) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return fmt.Errorf("generate serving key: %w", err)
@@ -125,7 +134,7 @@ func (s *ServingCert) renew(ctx context.Context) error {
 		return fmt.Errorf("parse serving CSR: %w", err)
 	}
 	now := s.cfg.Now()
-	resp, err := s.cfg.Backend.Sign(ctx, SignRequest{
+	resp, err := s.cfg.CA.Sign(ctx, ca.SignRequest{
 		CSR: csr, DNSNames: s.cfg.DNSNames, IPAddresses: s.cfg.IPAddresses,
 		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(s.cfg.TTL),
 	})

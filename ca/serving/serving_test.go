@@ -1,4 +1,4 @@
-package ca_test
+package serving_test
 
 import (
 	"context"
@@ -13,13 +13,14 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
+	"github.com/meshca/meshca/ca/serving"
 )
 
 // flakyBackend fails Sign while down is set.
 type flakyBackend struct {
-	ca.Backend
+	serving.Signer
 	down atomic.Bool
 }
 
@@ -27,16 +28,14 @@ func (f *flakyBackend) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignRe
 	if f.down.Load() {
 		return nil, errors.New("backend down")
 	}
-	return f.Backend.Sign(ctx, req)
+	return f.Signer.Sign(ctx, req)
 }
 
 func TestServingCertRotates(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		ss, err := selfsigned.New(selfsigned.Config{})
-		require.NoError(t, err)
-		b := &flakyBackend{Backend: ss}
-		s, err := ca.NewServingCert(t.Context(), ca.ServingConfig{
-			Backend: b, DNSNames: []string{"meshca.istio-system.svc"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		b := &flakyBackend{Signer: catest.NewCA(t, false)}
+		s, err := serving.New(t.Context(), serving.Config{
+			CA: b, DNSNames: []string{"meshca.istio-system.svc"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
 			TTL: time.Hour, RetryInterval: time.Minute,
 		})
 		require.NoError(t, err)
@@ -80,18 +79,16 @@ func TestServingCertRotates(t *testing.T) {
 }
 
 func TestServingCertNeedsNames(t *testing.T) {
-	ss, err := selfsigned.New(selfsigned.Config{})
-	require.NoError(t, err)
-	_, err = ca.NewServingCert(t.Context(), ca.ServingConfig{Backend: ss})
+	_, err := serving.New(t.Context(), serving.Config{CA: catest.NewCA(t, false)})
 	require.ErrorContains(t, err, "at least one DNS name or IP address")
-	_, err = ca.NewServingCert(t.Context(), ca.ServingConfig{DNSNames: []string{"x"}})
-	require.ErrorContains(t, err, "Backend is required")
+	_, err = serving.New(t.Context(), serving.Config{DNSNames: []string{"x"}})
+	require.ErrorContains(t, err, "CA is required")
 }
 
 // squeezedBackend caps every leaf at deadline, as a CA about to expire does,
 // and counts signatures.
 type squeezedBackend struct {
-	ca.Backend
+	serving.Signer
 	deadline time.Time
 	signs    atomic.Int64
 }
@@ -101,15 +98,13 @@ func (b *squeezedBackend) Sign(ctx context.Context, req ca.SignRequest) (*ca.Sig
 	if req.NotAfter.After(b.deadline) {
 		req.NotAfter = b.deadline
 	}
-	return b.Backend.Sign(ctx, req)
+	return b.Signer.Sign(ctx, req)
 }
 
 func TestServingCertSqueezedByExpiringCANeverSpins(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		ss, err := selfsigned.New(selfsigned.Config{})
-		require.NoError(t, err)
-		b := &squeezedBackend{Backend: ss, deadline: time.Now().Add(2 * time.Minute)}
-		s, err := ca.NewServingCert(t.Context(), ca.ServingConfig{Backend: b, DNSNames: []string{"meshca"}, TTL: time.Hour, RetryInterval: 10 * time.Second})
+		b := &squeezedBackend{Signer: catest.NewCA(t, false), deadline: time.Now().Add(2 * time.Minute)}
+		s, err := serving.New(t.Context(), serving.Config{CA: b, DNSNames: []string{"meshca"}, TTL: time.Hour, RetryInterval: 10 * time.Second})
 		require.NoError(t, err)
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error)
@@ -118,6 +113,9 @@ func TestServingCertSqueezedByExpiringCANeverSpins(t *testing.T) {
 		synctest.Wait()
 		// At most one attempt per RetryInterval, however short the lifetime.
 		require.LessOrEqual(t, b.signs.Load(), int64(5*60/10+1))
+		// And Run did not give up: it renewed at half-life, then kept
+		// retrying every RetryInterval once the CA could sign no more.
+		require.GreaterOrEqual(t, b.signs.Load(), int64(10), "Run must keep renewing")
 		cancel()
 		require.NoError(t, <-done)
 	})

@@ -1,10 +1,12 @@
-package ca
+package edge
 
 import (
 	"context"
 	"io"
 	"log/slog"
 	"time"
+
+	"github.com/meshca/meshca/ca"
 )
 
 // AuditEvent is one certificate request's outcome. It holds no secrets: no
@@ -26,7 +28,7 @@ type AuditEvent struct {
 	Serial    string
 	NotBefore time.Time
 	NotAfter  time.Time
-	KeyType   KeyType
+	KeyType   ca.KeyType
 	SigningCA string
 	// Peer is the caller's network address.
 	Peer string

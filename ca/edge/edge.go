@@ -1,0 +1,219 @@
+// Package edge is what meshca's gRPC services share: reading and checking a
+// caller's credentials, the one mapping of errors to gRPC status codes and
+// audit reasons, request metrics, and the audit line every request writes.
+// ca/service (Istio's CreateCertificate) and sds use it, so that a refusal
+// reads and counts the same whichever way a workload asked.
+package edge
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshca/meshca/authn"
+	"github.com/meshca/meshca/ca"
+)
+
+// Metrics are the request metrics of every edge. Every metric is
+// documented in README.md.
+type Metrics struct {
+	// Requests counts finished requests by service ("istio", "sds") and
+	// gRPC status code.
+	Requests *prometheus.CounterVec
+	// Latency is the time from request arrival to response, by service.
+	Latency *prometheus.HistogramVec
+	// AuthnFailures counts refused credentials by authenticator and reason.
+	AuthnFailures *prometheus.CounterVec
+}
+
+// NewMetrics creates the edge metrics on reg (nil: unregistered).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	f := promauto.With(reg)
+	return &Metrics{
+		Requests: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_requests_total",
+			Help: "Certificate requests finished, by service (istio, sds) and gRPC status code.",
+		}, []string{"service", "code"}),
+		Latency: f.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "meshca_issuance_duration_seconds",
+			Help:    "Time from a certificate request's arrival to its answer, by service.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"service"}),
+		AuthnFailures: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_authn_failures_total",
+			Help: "Refused credentials, by authenticator and reason.",
+		}, []string{"authenticator", "reason"}),
+	}
+}
+
+// Edge is one gRPC service's view of the shared machinery.
+type Edge struct {
+	// Service labels metrics and audit lines: "istio" or "sds". Required.
+	Service string
+	// Authenticator vouches for callers. Required.
+	Authenticator authn.Authenticator
+	// Metrics records requests. Default: unregistered metrics.
+	Metrics *Metrics
+	// Audit receives one line per request. Default: discard.
+	Audit *Auditor
+	// Log receives operational logs. Default: discard.
+	Log *slog.Logger
+}
+
+// New checks e and fills in its defaults.
+func New(e Edge) (*Edge, error) {
+	if e.Service == "" {
+		return nil, errors.New("edge: Service is required")
+	}
+	if e.Authenticator == nil {
+		return nil, errors.New("edge: Authenticator is required")
+	}
+	if e.Metrics == nil {
+		e.Metrics = NewMetrics(nil)
+	}
+	if e.Audit == nil {
+		e.Audit = NewAuditor(nil)
+	}
+	if e.Log == nil {
+		e.Log = slog.New(slog.DiscardHandler)
+	}
+	return &e, nil
+}
+
+// Call is one request passing an edge. Start it on arrival; End it once.
+type Call struct {
+	edge  *Edge
+	start time.Time
+	// Event is the audit line End writes; handlers add what they learn.
+	Event AuditEvent
+}
+
+// Start begins a call.
+func (e *Edge) Start() *Call {
+	return &Call{edge: e, start: time.Now(), Event: AuditEvent{Service: e.Service}}
+}
+
+// Authenticate reads the caller's credentials from ctx and runs the
+// authenticator chain. A refusal is counted by authenticator and reason,
+// and recorded in the audit event.
+func (c *Call) Authenticate(ctx context.Context) (*authn.Caller, error) {
+	creds, peerAddr, err := authn.FromIncoming(ctx)
+	c.Event.Peer = peerAddr
+	if err != nil {
+		c.Event.Reason = authn.ReasonMalformed
+		c.edge.Metrics.AuthnFailures.WithLabelValues("none", c.Event.Reason).Inc()
+		return nil, err
+	}
+	caller, err := c.edge.Authenticator.Authenticate(ctx, creds)
+	if err != nil {
+		c.Event.Reason = authn.ReasonOf(err)
+		name := "none"
+		var ce *authn.ChainError
+		if errors.As(err, &ce) && ce.Authenticator != "" {
+			name = ce.Authenticator
+		}
+		c.Event.Authenticator = name
+		c.edge.Metrics.AuthnFailures.WithLabelValues(name, c.Event.Reason).Inc()
+		return nil, err
+	}
+	c.Event.Identity, c.Event.Authenticator = caller.ID.String(), caller.Authenticator
+	if caller.PodName != "" {
+		c.Event.Pod = caller.Namespace + "/" + caller.PodName
+	}
+	return caller, nil
+}
+
+// Issued records the leaf in the audit event.
+func (c *Call) Issued(is *ca.Issued) {
+	c.Event.Serial = is.Serial.Text(16)
+	c.Event.NotBefore, c.Event.NotAfter = is.NotBefore, is.NotAfter
+	c.Event.KeyType, c.Event.SigningCA = is.KeyType, is.SignedBy
+}
+
+// End finishes the call with err (nil for success): it writes the audit
+// line and the metrics, logs outages, and returns the gRPC status error to
+// send (nil for success).
+func (c *Call) End(err error) error {
+	code := codes.OK
+	if err != nil {
+		st := Status(err)
+		code = st.Code()
+		c.Event.Result = "refused"
+		if c.Event.Reason == "" {
+			c.Event.Reason = Reason(err)
+		}
+		if code == codes.Internal || code == codes.Unavailable {
+			c.edge.Log.Error("certificate request failed", "service", c.edge.Service, "identity", c.Event.Identity, "peer", c.Event.Peer, "err", err)
+		}
+		err = st.Err()
+	} else {
+		c.Event.Result = "issued"
+	}
+	c.Event.Code = code.String()
+	c.edge.Audit.Record(c.Event)
+	c.edge.Metrics.Requests.WithLabelValues(c.edge.Service, c.Event.Code).Inc()
+	c.edge.Metrics.Latency.WithLabelValues(c.edge.Service).Observe(time.Since(c.start).Seconds())
+	return err
+}
+
+// Audit reasons that are not an authentication or CSR reason.
+const (
+	ReasonIdentityMismatch   = "identity_mismatch"
+	ReasonBadRequest         = "bad_request"
+	ReasonBackendUnavailable = "backend_unavailable"
+	ReasonInternal           = "internal"
+)
+
+// Reason names why err refused a request, for audit lines: an
+// authentication reason (authn.Reason*), a CSR reason (ca.CSR*), or one of
+// the Reason constants above.
+func Reason(err error) string {
+	var ce *ca.CSRError
+	switch {
+	case errors.Is(err, authn.ErrUnauthenticated), errors.Is(err, authn.ErrUnavailable):
+		return authn.ReasonOf(err)
+	case errors.As(err, &ce):
+		return ce.Reason
+	case errors.Is(err, authn.ErrIdentityMismatch):
+		return ReasonIdentityMismatch
+	case errors.Is(err, ca.ErrBadRequest):
+		return ReasonBadRequest
+	case errors.Is(err, ca.ErrBackendUnavailable):
+		return ReasonBackendUnavailable
+	default:
+		return ReasonInternal
+	}
+}
+
+// Status maps an error from authentication or issuance to the status the
+// client sees. Messages of known errors are written to be safe to return;
+// anything unknown becomes a bare Internal.
+func Status(err error) *status.Status {
+	switch {
+	// A caller that gave up is not an outage; check this first, since an
+	// authenticator may wrap its caller's context error.
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.New(codes.DeadlineExceeded, "deadline exceeded while issuing")
+	case errors.Is(err, context.Canceled):
+		return status.New(codes.Canceled, "request canceled")
+	case errors.Is(err, authn.ErrUnavailable):
+		// The detail (hosts, paths, apiserver messages) goes to the log.
+		return status.New(codes.Unavailable, "cannot authenticate now (the token authority is unreachable); retry later")
+	case errors.Is(err, authn.ErrUnauthenticated):
+		return status.New(codes.Unauthenticated, err.Error())
+	case errors.Is(err, authn.ErrIdentityMismatch):
+		return status.New(codes.PermissionDenied, err.Error())
+	case errors.Is(err, ca.ErrBadCSR), errors.Is(err, ca.ErrBadRequest):
+		return status.New(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ca.ErrBackendUnavailable):
+		return status.New(codes.Unavailable, "signing backend unavailable, retry later")
+	default:
+		return status.New(codes.Internal, "internal error; see meshca logs")
+	}
+}

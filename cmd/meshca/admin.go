@@ -1,0 +1,37 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	httppprof "net/http/pprof"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// adminMux serves /metrics, /healthz, /readyz and, with --pprof, Go's
+// profiles.
+func (s *server) adminMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	if s.pprof {
+		mux.HandleFunc("/debug/pprof/", httppprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
+	}
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", s.ready.handler(func() []string {
+		var problems []string
+		if leaf := s.serving.Leaf(); time.Now().After(leaf.NotAfter) {
+			problems = append(problems, "serving certificate expired")
+		}
+		if st := s.ca.State(); st.Signing != nil && !time.Now().Before(st.Signing.NotAfter()) {
+			problems = append(problems, "signing CA expired")
+		}
+		return problems
+	}))
+	return mux
+}
