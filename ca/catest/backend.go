@@ -2,7 +2,11 @@ package catest
 
 import (
 	"context"
+	"crypto"
+	"crypto/rand"
 	"crypto/x509"
+	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -78,4 +82,49 @@ func NewCA(t testing.TB, intermediate bool) *ca.CA {
 	c, err := ca.New(context.Background(), ca.Config{Backend: NewHolder(t, intermediate)})
 	require.NoError(t, err)
 	return c
+}
+
+// Authority is a tiny ca.Authority for tests: it mints intermediates from
+// a P-256 root, and fails while Down is set.
+type Authority struct {
+	Root    *x509.Certificate
+	rootKey crypto.Signer
+	// Down makes MintCA fail as an unreachable upstream does.
+	Down atomic.Bool
+	// Mints counts MintCA calls.
+	Mints atomic.Int64
+}
+
+// NewAuthority returns an Authority whose root is valid for rootTTL.
+func NewAuthority(t testing.TB, rootTTL time.Duration) *Authority {
+	t.Helper()
+	now := time.Now()
+	key := Key(t, "P-256")
+	tmpl := CATemplate("catest authority root", now.Add(-time.Hour), now.Add(rootTTL))
+	tmpl.MaxPathLen = 1
+	return &Authority{Root: Issue(t, tmpl, key, nil, nil), rootKey: key}
+}
+
+// MintCA implements ca.Authority.
+func (a *Authority) MintCA(_ context.Context, req ca.MintRequest) (*ca.MintedCA, error) {
+	a.Mints.Add(1)
+	if a.Down.Load() {
+		return nil, fmt.Errorf("%w: catest authority is down", ca.ErrBackendUnavailable)
+	}
+	now := time.Now()
+	tmpl := CATemplate(req.CSR.Subject.CommonName, now.Add(-time.Minute), now.Add(req.TTL))
+	tmpl.SerialNumber = serial()
+	tmpl.MaxPathLen, tmpl.MaxPathLenZero = 0, true
+	if tmpl.NotAfter.After(a.Root.NotAfter) {
+		tmpl.NotAfter = a.Root.NotAfter
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Root, req.CSR.PublicKey, a.rootKey)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	return &ca.MintedCA{Cert: cert, Chain: []*x509.Certificate{a.Root}, Roots: []*x509.Certificate{a.Root}}, nil
 }
