@@ -138,22 +138,41 @@ func sign(t *testing.T, b signer, id spiffeid.ID) *ca.SignResponse {
 	return resp
 }
 
-// signer is a backend under a CA, seen as the edges see it.
-type signer struct{ c *ca.CA }
+// Held is a backend under a CA, seen as meshca's edges see it. Backend
+// tests use it to sign and inspect through the CA core.
+type Held struct{ CA *ca.CA }
 
-func (s signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
-	return s.c.Sign(ctx, req)
+// NewHeld puts b under a new CA configured by cfg (whose Backend it sets).
+func NewHeld(t *testing.T, b ca.Backend, cfg ca.Config) Held {
+	t.Helper()
+	cfg.Backend = b
+	c, err := ca.New(t.Context(), cfg)
+	require.NoError(t, err)
+	return Held{c}
 }
 
-func (s signer) TrustBundle(context.Context) ([]*x509.Certificate, error) {
-	return s.c.State().Roots, nil
+// Sign signs through the CA.
+func (h Held) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
+	return h.CA.Sign(ctx, req)
 }
+
+// TrustBundle is the CA's trust bundle.
+func (h Held) TrustBundle(context.Context) ([]*x509.Certificate, error) {
+	return h.CA.State().Roots, nil
+}
+
+// SigningChain is the CA's signing certificate and the chain above it.
+func (h Held) SigningChain() []*x509.Certificate { return h.CA.State().Signing.Chain() }
+
+// Run runs the CA, and with it the backend's Watch or the rotation loop.
+func (h Held) Run(ctx context.Context) error { return h.CA.Run(ctx) }
+
+// signer is what the suite needs of a Held.
+type signer = Held
 
 func build(t *testing.T, newBackend func(t *testing.T) ca.Backend) signer {
 	t.Helper()
-	c, err := ca.New(t.Context(), ca.Config{Backend: newBackend(t)})
-	require.NoError(t, err)
-	return signer{c}
+	return NewHeld(t, newBackend(t), ca.Config{})
 }
 
 func parseLeaf(t *testing.T, resp *ca.SignResponse) *x509.Certificate {

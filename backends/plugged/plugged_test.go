@@ -115,21 +115,7 @@ func verifyLeaf(t *testing.T, b held, leaf *x509.Certificate, chainPEM []string)
 	require.NoError(t, err)
 }
 
-// held is a plugged backend under a CA, as meshca uses it.
-type held struct{ c *ca.CA }
-
-func (h held) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
-	return h.c.Sign(ctx, req)
-}
-
-func (h held) TrustBundle(context.Context) ([]*x509.Certificate, error) {
-	return h.c.State().Roots, nil
-}
-
-func (h held) SigningChain() []*x509.Certificate { return h.c.State().Signing.Chain() }
-
-// Run runs the CA, and with it the backend's Watch.
-func (h held) Run(ctx context.Context) error { return h.c.Run(ctx) }
+type held = backendtest.Held
 
 // newHeld loads a plugged backend from cfg and puts it under a CA.
 func newHeld(t *testing.T, cfg plugged.Config, deps plugged.Deps) (held, error) {
@@ -138,9 +124,7 @@ func newHeld(t *testing.T, cfg plugged.Config, deps plugged.Deps) (held, error) 
 	if err != nil {
 		return held{}, err
 	}
-	c, err := ca.New(t.Context(), ca.Config{Backend: b, Now: deps.Now})
-	require.NoError(t, err)
-	return held{c}, nil
+	return backendtest.NewHeld(t, b, ca.Config{Now: deps.Now}), nil
 }
 
 func TestConformance(t *testing.T) {

@@ -25,21 +25,7 @@ var (
 	_ ca.Authority = (*selfsigned.Authority)(nil)
 )
 
-// held is a selfsigned backend under a CA, as meshca uses it.
-type held struct{ c *ca.CA }
-
-func (h held) Sign(ctx context.Context, req ca.SignRequest) (*ca.SignResponse, error) {
-	return h.c.Sign(ctx, req)
-}
-
-func (h held) TrustBundle(context.Context) ([]*x509.Certificate, error) {
-	return h.c.State().Roots, nil
-}
-
-func (h held) SigningChain() []*x509.Certificate { return h.c.State().Signing.Chain() }
-
-// Run runs the CA, which rotates the intermediate.
-func (h held) Run(ctx context.Context) error { return h.c.Run(ctx) }
+type held = backendtest.Held
 
 // newHeld builds the backend cfg describes and puts it under a CA.
 func newHeld(t *testing.T, cfg selfsigned.Config, deps selfsigned.Deps) (held, error) {
@@ -48,9 +34,7 @@ func newHeld(t *testing.T, cfg selfsigned.Config, deps selfsigned.Deps) (held, e
 	if err != nil {
 		return held{}, err
 	}
-	c, err := ca.New(t.Context(), ca.Config{Backend: b, Intermediate: cfg.IntermediateConfig(), Now: deps.Now})
-	require.NoError(t, err)
-	return held{c}, nil
+	return backendtest.NewHeld(t, b, ca.Config{Intermediate: cfg.IntermediateConfig(), Now: deps.Now}), nil
 }
 
 var testID = spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/web")
