@@ -12,8 +12,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -422,13 +424,17 @@ func TestNewJWTConfig(t *testing.T) {
 // TestJWTCallerGivesUpDuringFetch: one JWKS fetch serves every token
 // waiting for keys, so the caller whose verification started it giving up
 // must not cancel it, nor leave behind a failure that the rate limit would
-// serve to the others.
+// serve to the others. The second caller is seen waiting for that fetch (in
+// its goroutine's stack: no hook reports it) before the first gives up, and
+// is served by it: one request in all.
 func TestJWTCallerGivesUpDuringFetch(t *testing.T) {
 	ti := newTestIssuer(t, testIss)
 	kid := ti.addKey("k", jose.ES256)
+	var requests atomic.Int32
 	requested := make(chan struct{}, 1)
 	release := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
 		select {
 		case requested <- struct{}{}:
 		default:
@@ -448,6 +454,9 @@ func TestJWTCallerGivesUpDuringFetch(t *testing.T) {
 	mint := func(sa string) authn.Credentials {
 		return authn.Credentials{Token: ti.sign(kid, saClaims(testIss, "ns1", sa, []string{"istio-ca"}, time.Now(), time.Hour))}
 	}
+	// A verification waiting for the shared fetch; the fetch itself runs
+	// in refresh.func1, which this name does not match.
+	waitingForFetch := func() int { return goroutinesIn("github.com/meshca/meshca/authn/kube.(*JWT).refresh") }
 
 	ctx, cancel := context.WithCancel(t.Context())
 	first := make(chan error, 1)
@@ -461,12 +470,49 @@ func TestJWTCallerGivesUpDuringFetch(t *testing.T) {
 		_, err := j.Authenticate(t.Context(), mint("b"))
 		second <- err
 	}()
+	require.Eventually(t, func() bool { return waitingForFetch() == 2 }, 10*time.Second, time.Millisecond,
+		"both verifications wait for the one fetch")
 	cancel()
 	err = <-first
 	require.ErrorIs(t, err, context.Canceled)
 	require.NotErrorIs(t, err, authn.ErrUnavailable)
+	// The first verification stops waiting; the second still waits, for
+	// the same fetch, which goes on.
+	require.Eventually(t, func() bool { return waitingForFetch() == 1 }, 10*time.Second, time.Millisecond)
+	select {
+	case err := <-second:
+		require.FailNow(t, "the second caller returned before the fetch did", "error: %v", err)
+	default:
+	}
 	releaseFetch()
 	require.NoError(t, <-second)
+	require.Equal(t, int32(1), requests.Load(), "one fetch served both")
+}
+
+// goroutinesIn counts the goroutines whose stack holds a call of fn, a
+// function's full name as tracebacks print it ("pkg/path.(*T).method",
+// inlined calls included). It shows a test where callers are blocked when
+// no hook reports it; a rename makes the test fail, never pass wrongly.
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 1<<16)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	count := 0
+	for g := range strings.SplitSeq(string(buf), "\n\n") {
+		for line := range strings.SplitSeq(g, "\n") {
+			if strings.HasPrefix(line, fn+"(") {
+				count++
+				break
+			}
+		}
+	}
+	return count
 }
 
 // TestJWTRefusesRedirectToHTTP: an https JWKSURL cannot hand the fetch over
