@@ -35,6 +35,19 @@ test: test-servers ## run every test with -race (uncached: e2e tests build the b
 test-e2e: test-servers ## run only the end-to-end tests (real kube-apiserver, etcd, pilot-agent)
 	$(GO) test -race -count=1 -timeout 20m -v ./test/...
 
+# Seconds (or any go test -fuzztime value) each fuzz target runs in `make fuzz`.
+FUZZTIME ?= 30s
+
+.PHONY: fuzz
+fuzz: ## run every fuzz target for FUZZTIME each (default 30s), from its seed corpus in <pkg>/testdata/fuzz/
+	@set -euo pipefail; \
+	for f in $$(git grep -l '^func Fuzz' -- '*_test.go'); do \
+		for name in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' "$$f"); do \
+			echo "== $$name in ./$$(dirname "$$f") for $(FUZZTIME)"; \
+			$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) "./$$(dirname "$$f")"; \
+		done; \
+	done
+
 .PHONY: bench
 bench: build ## load-test a local meshca at concurrency 1, 8 and 64 (certs/s, latency, server CPU and RSS)
 	test/bench.sh
