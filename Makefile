@@ -31,6 +31,10 @@ test-servers: ## build (or reuse) etcd, kube-apiserver, pilot-agent and helm int
 test: test-servers ## run every test with -race (uncached: e2e tests build the binaries), including end-to-end ones on real servers
 	$(GO) test -race -count=1 -timeout 20m ./...
 
+.PHONY: test-unit
+test-unit: ## run the tests that need no real server (-short: no etcd, kube-apiserver, pilot-agent or helm), with -race
+	$(GO) test -race -short -count=1 ./...
+
 .PHONY: test-e2e
 test-e2e: test-servers ## run only the end-to-end tests (real kube-apiserver, etcd, pilot-agent)
 	$(GO) test -race -count=1 -timeout 20m -v ./test/...

@@ -47,9 +47,11 @@ func TestMain(m *testing.M) {
 }
 
 // kubeEnv returns the package's Env, starting it if needed. A missing binary
-// fails the test rather than skipping it: run test/tools/build.sh.
+// fails the test rather than skipping it: run test/tools/build.sh. Under
+// go test -short (make test-unit) it skips the test.
 func kubeEnv(t *testing.T) *kubeenv.Env {
 	t.Helper()
+	kubeenv.SkipIfShort(t)
 	testKube.once.Do(func() {
 		testKube.env, testKube.stop, testKube.err = kubeenv.StartMain()
 	})

@@ -186,6 +186,7 @@ type helm struct {
 
 func newHelm(t *testing.T) *helm {
 	t.Helper()
+	kubeenv.SkipIfShort(t)
 	dir, err := kubeenv.BinDir()
 	require.NoError(t, err)
 	bin := filepath.Join(dir, "helm")

@@ -74,11 +74,24 @@ type Env struct {
 	etcd, apiserver *proc.Process
 }
 
+// SkipIfShort skips the test under go test -short (make test-unit): it
+// needs the real servers that test/tools/build.sh builds. Start and the
+// other harnesses under test/ call it, so a test that starts a server
+// through them need not.
+func SkipIfShort(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("needs real servers (etcd, kube-apiserver, pilot-agent or helm): skipped under -short")
+	}
+}
+
 // Start starts etcd and kube-apiserver for the test and stops them, and
 // removes Dir, in t.Cleanup. It fails the test if the binaries are missing
-// (run test/tools/build.sh) or the apiserver is not ready within 60s.
+// (run test/tools/build.sh) or the apiserver is not ready within 60s. Under
+// go test -short it skips the test instead (SkipIfShort).
 func Start(t testing.TB) *Env {
 	t.Helper()
+	SkipIfShort(t)
 	e, stop, err := StartMain()
 	if err != nil {
 		t.Fatalf("kubeenv: %v", err)
@@ -93,7 +106,8 @@ func Start(t testing.TB) *Env {
 	return e
 }
 
-// StartMain is Start for TestMain, where no testing.TB exists. The caller
+// StartMain is Start for TestMain, where no testing.TB exists; it does not
+// look at -short, which its caller checks (see SkipIfShort). The caller
 // must call stop (which stops the servers and removes Dir) once, after
 // m.Run; on error nothing is left running.
 func StartMain() (env *Env, stop func(), err error) {

@@ -117,6 +117,7 @@ func TestEnv(t *testing.T) {
 }
 
 func TestStartMainStopRemovesDir(t *testing.T) {
+	kubeenv.SkipIfShort(t)
 	env, stop, err := kubeenv.StartMain()
 	require.NoError(t, err)
 	_, err = env.Client.CoreV1().Namespaces().Get(t.Context(), "default", metav1.GetOptions{})

@@ -2,6 +2,7 @@ package pilotagent
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -32,8 +33,14 @@ func InNetNS() bool {
 //
 // unshare (util-linux) and ip (iproute2) must be installed, and the caller
 // must be root; otherwise it exits with a message saying so.
+//
+// Under go test -short it runs m.Run where it is: Start then skips every
+// test that would run pilot-agent, so no namespace is needed.
 func ReexecInNetNS(m *testing.M) {
-	if InNetNS() {
+	if !flag.Parsed() {
+		flag.Parse() // for testing.Short; m.Run does not parse again
+	}
+	if InNetNS() || testing.Short() {
 		os.Exit(m.Run())
 	}
 	code, err := reexec()

@@ -72,9 +72,11 @@ const stopGrace = 5 * time.Second
 
 // Start runs pilot-agent in a new working directory and stops it in
 // t.Cleanup. It fails the test if the binary is missing, Config is
-// incomplete, or the process is not inside ReexecInNetNS's namespace.
+// incomplete, or the process is not inside ReexecInNetNS's namespace. Under
+// go test -short it skips the test instead.
 func Start(t testing.TB, cfg Config) *Agent {
 	t.Helper()
+	kubeenv.SkipIfShort(t)
 	if !InNetNS() {
 		t.Fatal("pilotagent: pilot-agent listens on all interfaces; call pilotagent.ReexecInNetNS(m) from TestMain")
 	}
