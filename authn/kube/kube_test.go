@@ -16,7 +16,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -143,6 +145,33 @@ func waitIndex(t *testing.T, idx ServiceAccountLookup, ns, name, uid string) {
 		got, found, err := idx.ServiceAccountUID(ns, name)
 		return err == nil && found == (uid != "") && got == uid
 	}, 10*time.Second, 10*time.Millisecond)
+}
+
+// waitGone waits until get reports NotFound.
+func waitGone(t *testing.T, get func(context.Context) error) {
+	t.Helper()
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		err := get(t.Context())
+		require.True(c, apierrors.IsNotFound(err), "still there (err %v)", err)
+	}, 10*time.Second, 10*time.Millisecond)
+}
+
+// waitReviewRefused waits until the apiserver, asked by the admin client,
+// no longer authenticates token for audiences. After a service account or
+// pod is deleted it keeps accepting the token until its informers see the
+// deletion, and for up to 10s more if it reviewed the token successfully
+// meanwhile (its cache of successful reviews, keyed by token and
+// audiences): 30s bounds both. A refusal is not cached, and its informers
+// do not go back in time, so once refused the token stays refused.
+func waitReviewRefused(t *testing.T, env *kubeenv.Env, token string, audiences []string) {
+	t.Helper()
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		res, err := env.Client.AuthenticationV1().TokenReviews().Create(t.Context(), &authenticationv1.TokenReview{
+			Spec: authenticationv1.TokenReviewSpec{Token: token, Audiences: audiences},
+		}, metav1.CreateOptions{})
+		require.NoError(c, err)
+		require.False(c, res.Status.Authenticated, "the apiserver still accepts the token")
+	}, 30*time.Second, 50*time.Millisecond)
 }
 
 // outcome is what one authenticator should answer.
@@ -273,7 +302,14 @@ func kubeCases() []kubeCase {
 			token: func(t *testing.T, f *kubeFixture) string {
 				tok := f.env.Token(t, f.ns, f.sa.Name, istioCA, time.Hour, nil)
 				f.env.DeleteServiceAccount(t, f.ns, f.sa.Name)
+				// jwt's answer depends on meshca's index, tokenreview's on
+				// the apiserver's own informers: wait for both.
 				waitIndex(t, f.index, f.ns, f.sa.Name, "")
+				waitGone(t, func(ctx context.Context) error {
+					_, err := f.env.Client.CoreV1().ServiceAccounts(f.ns).Get(ctx, f.sa.Name, metav1.GetOptions{})
+					return err
+				})
+				waitReviewRefused(t, f.env, tok, istioCA)
 				return tok
 			},
 			jwt:    outcome{reason: authn.ReasonServiceAccountGone},
@@ -287,6 +323,9 @@ func kubeCases() []kubeCase {
 				again := f.env.CreateServiceAccount(t, f.ns, f.sa.Name)
 				require.NotEqual(t, f.sa.UID, again.UID)
 				waitIndex(t, f.index, f.ns, f.sa.Name, string(again.UID))
+				// Until the apiserver's informer sees the deletion, the old
+				// service account (UID and all) still vouches for the token.
+				waitReviewRefused(t, f.env, tok, istioCA)
 				return tok
 			},
 			jwt:    outcome{reason: authn.ReasonServiceAccountGone},
@@ -299,6 +338,15 @@ func kubeCases() []kubeCase {
 				tok := f.env.Token(t, f.ns, f.sa.Name, istioCA, time.Hour, pod)
 				err := f.env.Client.CoreV1().Pods(f.ns).Delete(t.Context(), pod.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64)})
 				require.NoError(t, err)
+				// The apiserver checks a pod-bound token against its pod
+				// informer, which learns of the deletion a moment after the
+				// Delete returns: wait until the deletion is stored, then
+				// until the apiserver itself refuses the token.
+				waitGone(t, func(ctx context.Context) error {
+					_, err := f.env.Client.CoreV1().Pods(f.ns).Get(ctx, pod.Name, metav1.GetOptions{})
+					return err
+				})
+				waitReviewRefused(t, f.env, tok, istioCA)
 				f.pod = pod
 				return tok
 			},
