@@ -640,9 +640,10 @@ func TestKubeTokenReviewPrecheck(t *testing.T) {
 }
 
 // reviewGate holds the TokenReviews a client sends in its transport until
-// opened, counting them.
+// let through, counting them.
 type reviewGate struct {
-	open   func() // opens the gate; idempotent
+	pass   chan struct{} // each value sent lets one held review through
+	open   func()        // lets every review through from now on; idempotent
 	opened chan struct{}
 
 	mu                        sync.Mutex
@@ -652,7 +653,7 @@ type reviewGate struct {
 func newReviewGate(t *testing.T) *reviewGate {
 	t.Helper()
 	opened := make(chan struct{})
-	g := &reviewGate{opened: opened, open: sync.OnceFunc(func() { close(opened) })}
+	g := &reviewGate{pass: make(chan struct{}), opened: opened, open: sync.OnceFunc(func() { close(opened) })}
 	t.Cleanup(g.open)
 	return g
 }
@@ -674,10 +675,11 @@ func (g *reviewGate) wrap(rt http.RoundTripper) http.RoundTripper {
 		}()
 		select {
 		case <-g.opened:
-			return rt.RoundTrip(r)
+		case <-g.pass:
 		case <-r.Context().Done():
 			return nil, r.Context().Err()
 		}
+		return rt.RoundTrip(r)
 	})
 }
 
@@ -688,9 +690,11 @@ func (g *reviewGate) counts() (sent, inFlight, maxFlight int) {
 }
 
 // TestKubeTokenReviewMaxInFlight holds TokenReviews on the wire to check
-// that no more than MaxInFlight are under way at once, and that a caller
-// waiting for a slot may give up: it gets its own context's error (not
-// ErrUnavailable), and its review is never sent.
+// that no more than MaxInFlight are under way at once: the callers beyond
+// it wait for a slot short of the wire (seen in their goroutines' stacks,
+// as no hook reports it), and one review finishing lets exactly one of them
+// through. A caller waiting for a slot may give up: it gets its own
+// context's error (not ErrUnavailable), and its review is never sent.
 func TestKubeTokenReviewMaxInFlight(t *testing.T) {
 	env := kubeEnv(t)
 	cfg := meshcaConfig(t, env, nil)
@@ -707,6 +711,8 @@ func TestKubeTokenReviewMaxInFlight(t *testing.T) {
 	for i := range tokens {
 		tokens[i] = env.Token(t, ns, "workload", istioCA, time.Hour, nil)
 	}
+	sent := func() int { n, _, _ := gate.counts(); return n }
+	waiting := func() int { return goroutinesIn("github.com/meshca/meshca/authn/kube.(*TokenReview).acquire") }
 
 	var wg sync.WaitGroup
 	errs := make([]error, 4)
@@ -715,31 +721,46 @@ func TestKubeTokenReviewMaxInFlight(t *testing.T) {
 			_, errs[i] = r.Authenticate(t.Context(), authn.Credentials{Token: tokens[i]})
 		})
 	}
-	inFlight := func() int { _, n, _ := gate.counts(); return n }
-	require.Eventually(t, func() bool { return inFlight() >= 2 }, 10*time.Second, time.Millisecond)
-	require.Equal(t, 2, inFlight(), "MaxInFlight")
+	// Without the cap all four would reach the gate and none would wait.
+	require.Eventually(t, func() bool { return sent() == 2 && waiting() == 2 }, 10*time.Second, time.Millisecond,
+		"two reviews on the wire, two waiting for a slot")
 
-	// A fifth caller waits for a slot too, then gives up.
+	// A fifth caller waits for a slot too, and has not reached the wire...
 	ctx, cancel := context.WithCancel(t.Context())
 	quitter := make(chan error, 1)
 	go func() {
 		_, err := r.Authenticate(ctx, authn.Credentials{Token: tokens[4]})
 		quitter <- err
 	}()
-	require.Never(t, func() bool { return inFlight() > 2 }, 300*time.Millisecond, time.Millisecond)
+	require.Eventually(t, func() bool { return waiting() == 3 }, 10*time.Second, time.Millisecond, "the fifth review waits for a slot")
+	require.Equal(t, 2, sent(), "MaxInFlight")
+	select {
+	case err := <-quitter:
+		require.FailNow(t, "the fifth caller returned while every slot was taken", "error: %v", err)
+	default:
+	}
+	// ...then gives up, and its review leaves the queue.
 	cancel()
 	err = <-quitter
 	require.ErrorIs(t, err, context.Canceled)
 	require.NotErrorIs(t, err, authn.ErrUnavailable)
+	require.Eventually(t, func() bool { return waiting() == 2 }, 10*time.Second, time.Millisecond)
+
+	// One review finishing frees one slot, which exactly one waiting
+	// review takes.
+	gate.pass <- struct{}{}
+	require.Eventually(t, func() bool { return sent() == 3 && waiting() == 1 }, 10*time.Second, time.Millisecond)
+	_, inFlight, _ := gate.counts()
+	require.Equal(t, 2, inFlight)
 
 	gate.open()
 	wg.Wait()
 	for _, err := range errs {
 		require.NoError(t, err)
 	}
-	sent, _, maxFlight := gate.counts()
+	total, _, maxFlight := gate.counts()
 	require.Equal(t, 2, maxFlight)
-	require.Equal(t, 4, sent, "the review nobody waits for any more is never sent")
+	require.Equal(t, 4, total, "the review nobody waits for any more is never sent")
 }
 
 // TestKubeWithoutRBAC runs meshca as a service account with no grants of its
