@@ -53,6 +53,10 @@ var (
 	meshKey string // kubeconfig of meshca's own service account
 )
 
+// binDirEnv passes binDir from the process that built the binaries to the
+// one that TestMain re-executes inside the network namespace.
+const binDirEnv = "MESHCA_E2E_BIN"
+
 func TestMain(m *testing.M) {
 	flag.Parse()
 	if testing.Short() {
@@ -61,13 +65,45 @@ func TestMain(m *testing.M) {
 		fmt.Println("e2e: skipped under -short: needs etcd, kube-apiserver and pilot-agent")
 		os.Exit(0)
 	}
-	if !pilotagent.InNetNS() {
-		pilotagent.ReexecInNetNS(m) // runs this binary again inside; never returns
+	if pilotagent.InNetNS() {
+		binDir = os.Getenv(binDirEnv)
+		os.Exit(setupAndRun(m))
 	}
-	os.Exit(setupAndRun(m))
+	// Build before entering the namespace: in there nothing off this
+	// machine can be reached, so with a cold module cache go build would
+	// fail to download the modules.
+	dir, err := buildBinaries()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		os.Exit(1)
+	}
+	os.Setenv(binDirEnv, dir) // inherited by the test binary run inside
+	code := pilotagent.RunInNetNS(m)
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// buildBinaries builds meshca and meshctl into a new temporary directory.
+func buildBinaries() (string, error) {
+	dir, err := os.MkdirTemp("", "meshca-e2e-bin")
+	if err != nil {
+		return "", err
+	}
+	for _, cmd := range []string{"meshca", "meshctl"} {
+		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "github.com/meshca/meshca/cmd/"+cmd).CombinedOutput()
+		if err != nil {
+			os.RemoveAll(dir)
+			return "", fmt.Errorf("build %s: %w\n%s", cmd, err, out)
+		}
+	}
+	return dir, nil
 }
 
 func setupAndRun(m *testing.M) int {
+	if binDir == "" {
+		fmt.Fprintln(os.Stderr, "e2e: "+binDirEnv+" is not set: TestMain builds the binaries before entering the network namespace")
+		return 1
+	}
 	var (
 		stop func()
 		err  error
@@ -78,19 +114,6 @@ func setupAndRun(m *testing.M) int {
 		return 1
 	}
 	defer stop()
-	binDir, err = os.MkdirTemp("", "meshca-e2e-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2e:", err)
-		return 1
-	}
-	defer os.RemoveAll(binDir)
-	for _, cmd := range []string{"meshca", "meshctl"} {
-		out, err := exec.Command("go", "build", "-o", filepath.Join(binDir, cmd), "github.com/meshca/meshca/cmd/"+cmd).CombinedOutput()
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "e2e: build %s: %v\n%s", cmd, err, out)
-			return 1
-		}
-	}
 	return m.Run()
 }
 

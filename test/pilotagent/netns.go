@@ -25,11 +25,12 @@ func InNetNS() bool {
 
 // ReexecInNetNS is for TestMain of a package that runs pilot-agent, whose
 // status server listens on all interfaces. Outside the namespace it runs the
-// test binary again, with the same arguments, under
-// `unshare -n` with loopback up, forwards its output and signals, and exits
-// with its exit code. Inside (InNetNS), it runs m.Run and exits. Everything
-// the tests start (CA, kube-apiserver, pilot-agent) then shares that one
-// loopback. It never returns.
+// test binary again, with the same arguments, under `unshare -n` with
+// loopback up, forwards its output and signals, and exits with its exit
+// code. Inside (InNetNS), it runs m.Run and exits. Everything the tests
+// start (CA, kube-apiserver, pilot-agent) then shares that one loopback, and
+// nothing off this machine can be reached from there: build what the tests
+// need first (see RunInNetNS). It never returns.
 //
 // unshare (util-linux) and ip (iproute2) must be installed, and the caller
 // must be root; otherwise it exits with a message saying so.
@@ -37,18 +38,25 @@ func InNetNS() bool {
 // Under go test -short it runs m.Run where it is: Start then skips every
 // test that would run pilot-agent, so no namespace is needed.
 func ReexecInNetNS(m *testing.M) {
+	os.Exit(RunInNetNS(m))
+}
+
+// RunInNetNS is ReexecInNetNS returning the exit code rather than exiting,
+// so that TestMain can prepare before entering the namespace (build
+// binaries while the module proxy is reachable) and clean up after.
+func RunInNetNS(m *testing.M) int {
 	if !flag.Parsed() {
 		flag.Parse() // for testing.Short; m.Run does not parse again
 	}
 	if InNetNS() || testing.Short() {
-		os.Exit(m.Run())
+		return m.Run()
 	}
 	code, err := reexec()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "pilotagent: %v\n", err)
-		os.Exit(1)
+		return 1
 	}
-	os.Exit(code)
+	return code
 }
 
 func reexec() (int, error) {
@@ -59,9 +67,10 @@ func reexec() (int, error) {
 	if _, err := exec.LookPath("ip"); err != nil {
 		return 0, errors.New("cannot run tests in a private network namespace: ip not found (Debian package iproute2)")
 	}
+	flags := []string{"-n"}
 	// A dry run first, so a missing privilege is reported as such rather
 	// than as a failed test binary.
-	if out, err := exec.Command(unshare, "-n", "--", "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+	if out, err := exec.Command(unshare, append(flags, "--", "ip", "link", "set", "lo", "up")...).CombinedOutput(); err != nil {
 		return 0, fmt.Errorf("cannot make a private network namespace (unshare -n needs root or CAP_SYS_ADMIN; uid %d): %v: %s",
 			os.Geteuid(), err, strings.TrimSpace(string(out)))
 	}
@@ -70,7 +79,7 @@ func reexec() (int, error) {
 		return 0, fmt.Errorf("find test binary: %w", err)
 	}
 	// unshare and sh exec in place, so cmd.Process is the test binary.
-	args := append([]string{"-n", "--", "sh", "-c", `ip link set lo up && exec "$0" "$@"`, exe}, os.Args[1:]...)
+	args := append(append(flags, "--", "sh", "-c", `ip link set lo up && exec "$0" "$@"`, exe), os.Args[1:]...)
 	cmd := exec.Command(unshare, args...)
 	cmd.Env = append(os.Environ(), netnsEnv+"=1")
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
