@@ -25,15 +25,18 @@ func InNetNS() bool {
 
 // ReexecInNetNS is for TestMain of a package that runs pilot-agent, whose
 // status server listens on all interfaces. Outside the namespace it runs the
-// test binary again, with the same arguments, under `unshare -n` with
-// loopback up, forwards its output and signals, and exits with its exit
-// code. Inside (InNetNS), it runs m.Run and exits. Everything the tests
-// start (CA, kube-apiserver, pilot-agent) then shares that one loopback, and
-// nothing off this machine can be reached from there: build what the tests
-// need first (see RunInNetNS). It never returns.
+// test binary again, with the same arguments, under `unshare -n` (as root)
+// or `unshare -rn` (otherwise: a new user namespace in which the caller is
+// root, owning the new network namespace) with loopback up, forwards its
+// output and signals, and exits with its exit code. Inside (InNetNS), it
+// runs m.Run and exits. Everything the tests start (CA, kube-apiserver,
+// pilot-agent) then shares that one loopback, and nothing off this machine
+// can be reached from there: build what the tests need first (see
+// RunInNetNS). It never returns.
 //
 // unshare (util-linux) and ip (iproute2) must be installed, and the caller
-// must be root; otherwise it exits with a message saying so.
+// must be root or the kernel must allow unprivileged user namespaces;
+// otherwise it exits with a message saying so.
 //
 // Under go test -short it runs m.Run where it is: Start then skips every
 // test that would run pilot-agent, so no namespace is needed.
@@ -59,6 +62,16 @@ func RunInNetNS(m *testing.M) int {
 	return code
 }
 
+// unshareFlags returns the flags that make a private network namespace
+// for this process: root makes one directly, as it always has; anyone else
+// makes a user namespace first, mapping their uid to root in it.
+func unshareFlags() []string {
+	if os.Geteuid() == 0 {
+		return []string{"-n"}
+	}
+	return []string{"-r", "-n"}
+}
+
 func reexec() (int, error) {
 	unshare, err := exec.LookPath("unshare")
 	if err != nil {
@@ -67,12 +80,12 @@ func reexec() (int, error) {
 	if _, err := exec.LookPath("ip"); err != nil {
 		return 0, errors.New("cannot run tests in a private network namespace: ip not found (Debian package iproute2)")
 	}
-	flags := []string{"-n"}
+	flags := unshareFlags()
 	// A dry run first, so a missing privilege is reported as such rather
 	// than as a failed test binary.
 	if out, err := exec.Command(unshare, append(flags, "--", "ip", "link", "set", "lo", "up")...).CombinedOutput(); err != nil {
-		return 0, fmt.Errorf("cannot make a private network namespace (unshare -n needs root or CAP_SYS_ADMIN; uid %d): %v: %s",
-			os.Geteuid(), err, strings.TrimSpace(string(out)))
+		return 0, fmt.Errorf("cannot make a private network namespace (unshare %s: as root, needs CAP_SYS_ADMIN; otherwise, a kernel that allows unprivileged user namespaces; uid %d): %v: %s",
+			strings.Join(flags, " "), os.Geteuid(), err, strings.TrimSpace(string(out)))
 	}
 	exe, err := os.Executable()
 	if err != nil {
