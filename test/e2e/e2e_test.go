@@ -1,6 +1,9 @@
 package e2e
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -41,10 +44,10 @@ var authnModes = []struct {
 // (CA_ADDR) with a pod-bound token from the real TokenRequest API.
 func TestPilotAgentGetsCertificate(t *testing.T) {
 	for _, mode := range authnModes {
-		for _, ecdsa := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/ecdsa=%v", mode.name, ecdsa), func(t *testing.T) {
+		for _, useECDSA := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/ecdsa=%v", mode.name, useECDSA), func(t *testing.T) {
 				m := startMeshca(t, fmt.Sprintf(mode.yaml, meshcaKubeconfig(t)))
-				ns, sa, podName := uniqueNS("agent-"+mode.name), fmt.Sprintf("web-%v", ecdsa), fmt.Sprintf("web-%v-0", ecdsa)
+				ns, sa, podName := uniqueNS("agent-"+mode.name), fmt.Sprintf("web-%v", useECDSA), fmt.Sprintf("web-%v-0", useECDSA)
 				env.CreateServiceAccount(t, ns, sa)
 				pod := env.CreatePod(t, ns, podName, sa)
 				tok := env.Token(t, ns, sa, []string{"istio-ca"}, time.Hour, pod)
@@ -52,7 +55,7 @@ func TestPilotAgentGetsCertificate(t *testing.T) {
 				agent := pilotagent.Start(t, pilotagent.Config{
 					CAAddr: m.grpcAddr, RootCertPEM: m.rootPEM, Token: tok,
 					Namespace: ns, ServiceAccount: sa, PodName: podName,
-					SecretTTL: 2 * time.Hour, ECDSA: ecdsa,
+					SecretTTL: 2 * time.Hour, ECDSA: useECDSA,
 				})
 				chainPEM, _, rootPEM := agent.WaitForCerts(t, 30*time.Second)
 				certs := parseCerts(t, []string{string(chainPEM)})
@@ -61,6 +64,17 @@ func TestPilotAgentGetsCertificate(t *testing.T) {
 				require.Len(t, leaf.URIs, 1)
 				require.Equal(t, spiffeID(ns, sa), leaf.URIs[0].String())
 				require.InDelta(t, (2*time.Hour + 30*time.Second).Seconds(), leaf.NotAfter.Sub(leaf.NotBefore).Seconds(), 5, "SECRET_TTL honoured")
+				// The leaf carries the key the agent generated:
+				// ECC_SIGNATURE_ALGORITHM=ECDSA means P-256, else RSA-2048.
+				if useECDSA {
+					pub, ok := leaf.PublicKey.(*ecdsa.PublicKey)
+					require.True(t, ok, "leaf key is %T, want ECDSA", leaf.PublicKey)
+					require.Equal(t, elliptic.P256(), pub.Curve)
+				} else {
+					pub, ok := leaf.PublicKey.(*rsa.PublicKey)
+					require.True(t, ok, "leaf key is %T, want RSA", leaf.PublicKey)
+					require.Equal(t, 2048, pub.N.BitLen())
+				}
 				require.Equal(t, strings.TrimSpace(string(m.rootPEM)), strings.TrimSpace(string(rootPEM)))
 				inter := x509.NewCertPool()
 				for _, c := range certs[1:] {
