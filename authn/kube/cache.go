@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"github.com/meshca/meshca/authn"
 )
@@ -283,37 +284,27 @@ type cacheMetrics struct {
 	requests *prometheus.CounterVec
 }
 
-// newCacheMetrics registers the cache metrics on reg, or reuses the ones
-// already registered there by another authenticator. A nil reg registers
-// nothing (the counters still count, for tests).
-func newCacheMetrics(reg prometheus.Registerer) (*cacheMetrics, error) {
-	requests, err := registerCounterVec(reg, prometheus.CounterOpts{
-		Name: "meshca_authn_cache_requests_total",
-		Help: "Lookups in the cache of authenticated tokens, by authenticator and result (hit or miss).",
-	}, []string{"authenticator", "result"})
-	if err != nil {
-		return nil, err
-	}
-	return &cacheMetrics{requests: requests}, nil
+// Metrics are the authenticators' metrics. Make one per process (New does)
+// and share it: every authenticator counts into the same series.
+type Metrics struct {
+	cacheRequests *prometheus.CounterVec
+	jwksFetches   *prometheus.CounterVec
 }
 
-// registerCounterVec registers a CounterVec on reg, or returns the identical
-// one already registered there, so that several authenticators can share a
-// Registerer without a global.
-func registerCounterVec(reg prometheus.Registerer, opts prometheus.CounterOpts, labels []string) (*prometheus.CounterVec, error) {
-	cv := prometheus.NewCounterVec(opts, labels)
-	if reg == nil {
-		return cv, nil
+// NewMetrics creates the metrics on reg (nil: unregistered), the way every
+// meshca package does: promauto.With(reg), once.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	f := promauto.With(reg)
+	return &Metrics{
+		cacheRequests: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_authn_cache_requests_total",
+			Help: "Lookups in the cache of authenticated tokens, by authenticator and result (hit or miss).",
+		}, []string{"authenticator", "result"}),
+		jwksFetches: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_authn_jwks_fetches_total",
+			Help: "Fetches of the service-account issuer's JSON Web Key Set, by result (ok or error).",
+		}, []string{"result"}),
 	}
-	err := reg.Register(cv)
-	if err == nil {
-		return cv, nil
-	}
-	var are prometheus.AlreadyRegisteredError
-	if errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
-			return existing, nil
-		}
-	}
-	return nil, fmt.Errorf("register metric %s: %w", opts.Name, err)
 }
+
+func (m *Metrics) cache() *cacheMetrics { return &cacheMetrics{requests: m.cacheRequests} }

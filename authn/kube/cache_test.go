@@ -18,9 +18,7 @@ import (
 
 func newTestCache(t *testing.T, cfg CacheConfig, clk *clock) *cache {
 	t.Helper()
-	m, err := newCacheMetrics(nil)
-	require.NoError(t, err)
-	return newCache(cfg, clk.Now, m, "test")
+	return newCache(cfg, clk.Now, NewMetrics(nil).cache(), "test")
 }
 
 func callerUntil(exp time.Time) *authn.Caller {

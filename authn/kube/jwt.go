@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -66,9 +65,9 @@ type JWTConfig struct {
 	// Log receives key-rotation events and fetch failures, never tokens.
 	// Default: discard.
 	Log *slog.Logger
-	// Registerer receives the cache and JWKS metrics. Optional. Several
-	// authenticators may share one: they share the metrics.
-	Registerer prometheus.Registerer
+	// Metrics receives the cache and JWKS counts. Several authenticators
+	// share one (see New). Default: unregistered metrics.
+	Metrics *Metrics
 }
 
 // JWT authenticates projected service-account tokens by verifying their
@@ -144,7 +143,7 @@ func NewJWT(cfg JWTConfig) (*JWT, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.Log == nil {
-		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 
 	var kube *kubeFetcher
@@ -164,16 +163,8 @@ func NewJWT(cfg JWTConfig) (*JWT, error) {
 		f = kube
 	}
 
-	cm, err := newCacheMetrics(cfg.Registerer)
-	if err != nil {
-		return nil, fmt.Errorf("new jwt authenticator: %w", err)
-	}
-	fetches, err := registerCounterVec(cfg.Registerer, prometheus.CounterOpts{
-		Name: "meshca_authn_jwks_fetches_total",
-		Help: "Fetches of the service-account issuer's JSON Web Key Set, by result (ok or error).",
-	}, []string{"result"})
-	if err != nil {
-		return nil, fmt.Errorf("new jwt authenticator: %w", err)
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
 	}
 
 	j := &JWT{
@@ -185,8 +176,8 @@ func NewJWT(cfg JWTConfig) (*JWT, error) {
 		log:       cfg.Log.With("authenticator", jwtAuthenticator),
 		sas:       cfg.ServiceAccounts,
 		fetcher:   f,
-		cache:     newCache(cfg.Cache, cfg.Now, cm, jwtAuthenticator),
-		fetches:   fetches,
+		cache:     newCache(cfg.Cache, cfg.Now, cfg.Metrics.cache(), jwtAuthenticator),
+		fetches:   cfg.Metrics.jwksFetches,
 	}
 	if cfg.Issuer != "" {
 		iss := cfg.Issuer

@@ -218,7 +218,7 @@ func TestJWTUnknownKIDRefetch(t *testing.T) {
 	ti := newTestIssuer(t, testIss)
 	old := ti.addKey("old", jose.ES256)
 	reg := prometheus.NewPedanticRegistry()
-	j := newLocalJWT(t, ti, func(c *JWTConfig) { c.Now = clk.Now; c.Registerer = reg })
+	j := newLocalJWT(t, ti, func(c *JWTConfig) { c.Now = clk.Now; c.Metrics = NewMetrics(reg) })
 	fetches := func() float64 { return testutil.ToFloat64(j.fetches.WithLabelValues("ok")) }
 	mint := func(kid, sa string) string {
 		return ti.sign(kid, saClaims(testIss, "ns1", sa, []string{"istio-ca"}, clk.Now(), time.Hour))
@@ -357,7 +357,7 @@ func TestJWTServiceAccountLookup(t *testing.T) {
 	kid := ti.addKey("k", jose.ES256)
 	sas := &fakeServiceAccounts{}
 	reg := prometheus.NewPedanticRegistry()
-	j := newLocalJWT(t, ti, func(c *JWTConfig) { c.ServiceAccounts = sas; c.Registerer = reg })
+	j := newLocalJWT(t, ti, func(c *JWTConfig) { c.ServiceAccounts = sas; c.Metrics = NewMetrics(reg) })
 	token := ti.sign(kid, saClaims(testIss, "ns1", "sa1", []string{"istio-ca"}, time.Now(), time.Hour))
 	auth := func() error {
 		_, err := j.Authenticate(t.Context(), authn.Credentials{Token: token})
@@ -541,15 +541,16 @@ func TestJWTRefusesRedirectToHTTP(t *testing.T) {
 	require.Equal(t, []string{"https://jwks.test/keys"}, requested, "the http URL is never requested")
 }
 
-func TestSharedRegisterer(t *testing.T) {
+func TestSharedMetrics(t *testing.T) {
 	ti := newTestIssuer(t, testIss)
 	reg := prometheus.NewPedanticRegistry()
-	a := newLocalJWT(t, ti, func(c *JWTConfig) { c.Registerer = reg })
-	b := newLocalJWT(t, ti, func(c *JWTConfig) { c.Registerer = reg })
+	m := NewMetrics(reg)
+	a := newLocalJWT(t, ti, func(c *JWTConfig) { c.Metrics = m })
+	b := newLocalJWT(t, ti, func(c *JWTConfig) { c.Metrics = m })
 	// A real client to an address nobody answers: only its metrics are used.
 	client, err := kubernetes.NewForConfig(&rest.Config{Host: "http://127.0.0.1:1"})
 	require.NoError(t, err)
-	r, err := NewTokenReview(TokenReviewConfig{Client: client, TrustDomain: testTD, Registerer: reg})
+	r, err := NewTokenReview(TokenReviewConfig{Client: client, TrustDomain: testTD, Metrics: m})
 	require.NoError(t, err)
 
 	require.Same(t, a.fetches, b.fetches)

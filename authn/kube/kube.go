@@ -108,6 +108,7 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Authenticators, error) {
 	if deps.Log == nil {
 		deps.Log = slog.New(slog.DiscardHandler)
 	}
+	metrics := NewMetrics(deps.Registerer)
 	out := &Authenticators{}
 	var (
 		restCfg *rest.Config
@@ -138,7 +139,7 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Authenticators, error) {
 				TrustDomain: cfg.TrustDomain, Issuer: cfg.Issuer, Audiences: cfg.Audiences,
 				JWKSFile: cfg.JWKSFile, JWKSURL: cfg.JWKSURL, Kube: restCfg,
 				Skew: cfg.Skew, RefetchInterval: cfg.RefetchInterval,
-				Cache: cfg.Cache, ServiceAccounts: lookup, Log: deps.Log.With("component", "jwt"), Registerer: deps.Registerer,
+				Cache: cfg.Cache, ServiceAccounts: lookup, Log: deps.Log.With("component", "jwt"), Metrics: metrics,
 			})
 			a = out.JWT
 		case NameTokenReview:
@@ -148,7 +149,7 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Authenticators, error) {
 			a, err = NewTokenReview(TokenReviewConfig{
 				Client: client, TrustDomain: cfg.TrustDomain, Audiences: cfg.Audiences, Issuer: reviewIssuer(ctx, cfg.Issuer, restCfg, deps.Log),
 				Skew: cfg.Skew, MaxInFlight: cfg.MaxReviewsInFlight,
-				Cache: cfg.Cache, ServiceAccounts: lookup, Log: deps.Log.With("component", "tokenreview"), Registerer: deps.Registerer,
+				Cache: cfg.Cache, ServiceAccounts: lookup, Log: deps.Log.With("component", "tokenreview"), Metrics: metrics,
 			})
 		default:
 			err = fmt.Errorf("unknown authenticator %q, want %s, %s or %s", name, NameClientCert, NameJWT, NameTokenReview)

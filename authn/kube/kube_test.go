@@ -471,7 +471,7 @@ func TestKubeCache(t *testing.T) {
 		{
 			name: "jwt",
 			new: func(t *testing.T, reg prometheus.Registerer) (authn.Authenticator, *cache) {
-				j, err := NewJWT(JWTConfig{TrustDomain: testTD, Kube: meshca, ServiceAccounts: index, Registerer: reg})
+				j, err := NewJWT(JWTConfig{TrustDomain: testTD, Kube: meshca, ServiceAccounts: index, Metrics: NewMetrics(reg)})
 				require.NoError(t, err)
 				return j, j.cache
 			},
@@ -479,7 +479,7 @@ func TestKubeCache(t *testing.T) {
 		{
 			name: "tokenreview",
 			new: func(t *testing.T, reg prometheus.Registerer) (authn.Authenticator, *cache) {
-				r, err := NewTokenReview(TokenReviewConfig{Client: client, TrustDomain: testTD, ServiceAccounts: index, Registerer: reg})
+				r, err := NewTokenReview(TokenReviewConfig{Client: client, TrustDomain: testTD, ServiceAccounts: index, Metrics: NewMetrics(reg)})
 				require.NoError(t, err)
 				return r, r.cache
 			},

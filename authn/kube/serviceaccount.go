@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"sync/atomic"
 
@@ -39,7 +38,7 @@ type ServiceAccountIndex struct {
 // ServiceAccounts through client once Run is called. log may be nil.
 func NewServiceAccountIndex(client kubernetes.Interface, log *slog.Logger) *ServiceAccountIndex {
 	if log == nil {
-		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+		log = slog.New(slog.DiscardHandler)
 	}
 	inf := coreinformers.NewServiceAccountInformer(client, metav1.NamespaceAll, 0, toolscache.Indexers{})
 	// These setters only fail once the informer has started.

@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"slices"
 	"strings"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -53,9 +51,9 @@ type TokenReviewConfig struct {
 	Now func() time.Time
 	// Log receives apiserver failures, never tokens. Default: discard.
 	Log *slog.Logger
-	// Registerer receives the cache metrics. Optional; may be shared with
-	// other authenticators.
-	Registerer prometheus.Registerer
+	// Metrics receives the cache counts. Several authenticators share one
+	// (see New). Default: unregistered metrics.
+	Metrics *Metrics
 }
 
 // TokenReview authenticates service-account tokens by asking the
@@ -114,12 +112,12 @@ func NewTokenReview(cfg TokenReviewConfig) (*TokenReview, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.Log == nil {
-		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	cm, err := newCacheMetrics(cfg.Registerer)
-	if err != nil {
-		return nil, fmt.Errorf("new tokenreview authenticator: %w", err)
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
 	}
+	cm := cfg.Metrics.cache()
 	return &TokenReview{
 		client:    cfg.Client,
 		td:        cfg.TrustDomain,
