@@ -7,6 +7,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -247,7 +248,7 @@ func (c *Config) Validate() error {
 	if len(c.Authn.Audiences) == 0 {
 		bad("authn.audiences", "list at least one audience (istio-agent uses istio-ca)")
 	}
-	if c.Authn.KubeQPS < 0 || c.Authn.KubeBurst < 0 {
+	if !(c.Authn.KubeQPS >= 0) || math.IsInf(float64(c.Authn.KubeQPS), 1) || c.Authn.KubeBurst < 0 { // also refuses NaN and +Inf
 		bad("authn.kubeQPS", "kubeQPS and kubeBurst must not be negative")
 	}
 	if c.Authn.MaxReviewsInFlight < 0 {

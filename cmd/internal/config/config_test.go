@@ -191,3 +191,10 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+func TestKubeQPSNotANumber(t *testing.T) {
+	for _, v := range []string{".nan", ".inf", "-1"} {
+		_, err := Parse([]byte("authn:\n  kubeQPS: " + v + "\n"))
+		require.ErrorContains(t, err, "authn.kubeQPS", v)
+	}
+}
