@@ -12,12 +12,14 @@ package ca
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -102,6 +104,10 @@ type CA struct {
 	now       func() time.Time
 
 	state atomic.Pointer[State]
+	// leavesUntil is the latest NotAfter (Unix seconds) of any leaf signed
+	// under the signing CA in force; publish hands it to subscribers as
+	// Change.OldLeavesUntil and starts over.
+	leavesUntil atomic.Int64
 	// mu orders publications: subscribers see changes one at a time, in
 	// the order they were made.
 	mu     sync.Mutex
@@ -183,6 +189,10 @@ type Change struct {
 	// SigningChanged says leaves are now signed by another CA certificate;
 	// BundleChanged says the trust bundle differs.
 	SigningChanged, BundleChanged bool
+	// OldLeavesUntil is, when SigningChanged, the latest NotAfter of the
+	// leaves this process signed under Old's signing CA (zero if none):
+	// until then, relying parties must still trust Old's roots.
+	OldLeavesUntil time.Time
 }
 
 // Subscribe calls fn with every later change of State, in order, until
@@ -214,6 +224,11 @@ func (c *CA) publish(s State) error {
 	ch := Change{Old: old, New: s, SigningChanged: !sameSigning(old.Signing, s.Signing), BundleChanged: !sameCerts(old.Roots, s.Roots)}
 	if !ch.SigningChanged && !ch.BundleChanged {
 		return nil
+	}
+	if ch.SigningChanged {
+		if u := c.leavesUntil.Swap(0); u != 0 {
+			ch.OldLeavesUntil = time.Unix(u, 0)
+		}
 	}
 	c.state.Store(&s)
 	for _, fn := range c.subs {
@@ -303,7 +318,43 @@ func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 		c.metrics.CSRRejections.WithLabelValues("identity_mismatch").Inc()
 		return nil, err
 	}
-	ttl, clamp := rule.TTL(req.Lifetime)
+	return c.issue(ctx, caller, rule, csr, kt, req.Lifetime)
+}
+
+// IssueKey issues a leaf for caller over pub, a key meshca generated itself
+// (central SDS): there is no CSR to check, and the leaf carries the
+// caller's identity by construction. The key type must be one the
+// caller's policy allows. Errors are those of Issue.
+func (c *CA) IssueKey(ctx context.Context, caller *authn.Caller, pub crypto.PublicKey, lifetime time.Duration) (*Issued, error) {
+	if caller == nil {
+		return nil, errors.New("issue: no caller")
+	}
+	if lifetime < 0 {
+		return nil, fmt.Errorf("%w: requested lifetime %s is negative; want 0 (policy default) or more", ErrBadRequest, lifetime)
+	}
+	rule := c.policy.Policy().Resolve(caller.Namespace, caller.ServiceAccount)
+	kt, err := KeyTypeOfPublic(pub)
+	if err != nil {
+		return nil, fmt.Errorf("issue: %w: %w", err, ErrInvalidSignRequest)
+	}
+	if !rule.Allows(kt) {
+		return nil, fmt.Errorf("issue: key type %s is not allowed for %s/%s: %w", kt, caller.Namespace, caller.ServiceAccount, ErrInvalidSignRequest)
+	}
+	spki, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, fmt.Errorf("issue: %w: %w", err, ErrInvalidSignRequest)
+	}
+	csr := &x509.CertificateRequest{PublicKey: pub, RawSubjectPublicKeyInfo: spki, URIs: []*url.URL{caller.ID.URL()}}
+	return c.issue(ctx, caller, rule, csr, kt, lifetime)
+}
+
+// Rule returns the rotation policy in force for a service account.
+func (c *CA) Rule(namespace, serviceAccount string) Effective {
+	return c.policy.Policy().Resolve(namespace, serviceAccount)
+}
+
+func (c *CA) issue(ctx context.Context, caller *authn.Caller, rule Effective, csr *x509.CertificateRequest, kt KeyType, lifetime time.Duration) (*Issued, error) {
+	ttl, clamp := rule.TTL(lifetime)
 	if clamp != ClampNone {
 		c.metrics.TTLClamps.WithLabelValues(string(clamp)).Inc()
 	}
@@ -358,6 +409,9 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*SignResponse, error) {
 		return nil, fmt.Errorf("sign: the signing CA chain expired at %s: %w", na.UTC().Format(time.RFC3339), ErrBackendUnavailable)
 	}
 	resp, err := s.Sign(req)
+	if err == nil {
+		c.noteLeaf(resp.NotAfter)
+	}
 	if err != nil {
 		// A request the signer calls invalid got past every check: that is
 		// meshca's bug, not an outage, so it is not dressed up as one (it
@@ -368,6 +422,17 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*SignResponse, error) {
 		return nil, fmt.Errorf("sign: %w", err)
 	}
 	return resp, nil
+}
+
+// noteLeaf records a leaf's NotAfter for Change.OldLeavesUntil.
+func (c *CA) noteLeaf(notAfter time.Time) {
+	u := notAfter.Unix()
+	for {
+		cur := c.leavesUntil.Load()
+		if u <= cur || c.leavesUntil.CompareAndSwap(cur, u) {
+			return
+		}
+	}
 }
 
 // check refuses a State the CA cannot work with.

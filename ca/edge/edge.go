@@ -99,6 +99,19 @@ func (e *Edge) Start() *Call {
 	return &Call{edge: e, start: time.Now(), Event: AuditEvent{Service: e.Service}}
 }
 
+// StartFor begins a call on behalf of a caller authenticated earlier (an
+// SDS stream renewing its certificate), so it is audited and counted as
+// any other request.
+func (e *Edge) StartFor(caller *authn.Caller, peer string) *Call {
+	c := e.Start()
+	c.Event.Peer = peer
+	c.Event.Identity, c.Event.Authenticator = caller.ID.String(), caller.Authenticator
+	if caller.PodName != "" {
+		c.Event.Pod = caller.Namespace + "/" + caller.PodName
+	}
+	return c
+}
+
 // Authenticate reads the caller's credentials from ctx and runs the
 // authenticator chain. A refusal is counted by authenticator and reason,
 // and recorded in the audit event.

@@ -37,6 +37,7 @@ import (
 	"github.com/meshca/meshca/ca/serving"
 	"github.com/meshca/meshca/cmd/internal/config"
 	"github.com/meshca/meshca/cmd/internal/devkey"
+	"github.com/meshca/meshca/sds"
 )
 
 func serveCmd(ctx context.Context, args []string, stderr io.Writer) error {
@@ -115,6 +116,7 @@ type server struct {
 	grpc      *grpc.Server
 	runners   map[string]ca.Runner
 	authn     *kube.Authenticators
+	sds       *sds.Server
 	ready     *readiness
 	auditFile *os.File
 	pprof     bool
@@ -226,9 +228,10 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		}
 		s.auditFile, audit = f, f
 	}
+	edgeMetrics, auditor := edge.NewMetrics(s.reg), edge.NewAuditor(audit)
 	istioEdge, err := edge.New(edge.Edge{
-		Service: service.ServiceLabel, Authenticator: s.authn.Chain, Metrics: edge.NewMetrics(s.reg),
-		Audit: edge.NewAuditor(audit), Log: log.With("component", "service"),
+		Service: service.ServiceLabel, Authenticator: s.authn.Chain, Metrics: edgeMetrics,
+		Audit: auditor, Log: log.With("component", "service"),
 	})
 	if err != nil {
 		return nil, err
@@ -256,6 +259,30 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	svc.Register(s.grpc)
+	if *cfg.SDS.Enabled {
+		sdsEdge, err := edge.New(edge.Edge{
+			Service: sds.ServiceLabel, Authenticator: s.authn.Chain, Metrics: edgeMetrics,
+			Audit: auditor, Log: log.With("component", "sds"),
+		})
+		if err != nil {
+			return nil, err
+		}
+		sc := sds.Config{
+			CA: s.ca, Edge: sdsEdge, MaxStreams: cfg.SDS.MaxStreams, MaxIssuing: cfg.SDS.MaxIssuing,
+			RenewWorkers: cfg.SDS.RenewWorkers, BundleAckTimeout: cfg.SDS.BundleAckTimeout,
+			ReissueSpread: cfg.SDS.ReissueSpread, RecheckInterval: cfg.SDS.RecheckInterval,
+			Metrics: sds.NewMetrics(s.reg), Log: log.With("component", "sds"),
+		}
+		if s.authn.ServiceAccounts != nil {
+			sc.ServiceAccounts = s.authn.ServiceAccounts
+		}
+		s.sds, err = sds.New(sc)
+		if err != nil {
+			return nil, err
+		}
+		s.sds.Register(s.grpc)
+		s.runners["sds"] = s.sds
+	}
 	s.ready = newReadiness(s.grpc, log)
 	return s, nil
 }

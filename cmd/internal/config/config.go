@@ -29,6 +29,7 @@ type Config struct {
 	Authn       Authn           `yaml:"authn"`
 	Backend     backends.Config `yaml:"backend"`
 	Policy      Policy          `yaml:"policy"`
+	SDS         SDS             `yaml:"sds"`
 	Audit       Audit           `yaml:"audit"`
 	Log         Log             `yaml:"log"`
 	Dev         Dev             `yaml:"dev"`
@@ -112,6 +113,28 @@ type Policy struct {
 	File string `yaml:"file"`
 	// ReloadInterval is how often the file is checked for changes.
 	ReloadInterval time.Duration `yaml:"reloadInterval"`
+}
+
+// SDS configures central SDS, served on server.grpcAddress beside
+// CreateCertificate.
+type SDS struct {
+	// Enabled serves envoy.service.secret.v3.SecretDiscoveryService.
+	Enabled *bool `yaml:"enabled"`
+	// MaxStreams bounds open SDS streams; more get ResourceExhausted.
+	MaxStreams int `yaml:"maxStreams"`
+	// MaxIssuing bounds first certificates issued at once; more wait.
+	MaxIssuing int `yaml:"maxIssuing"`
+	// RenewWorkers is how many renewals run at once.
+	RenewWorkers int `yaml:"renewWorkers"`
+	// BundleAckTimeout is how long certificates under a new root wait for
+	// every stream to accept the bundle that holds it.
+	BundleAckTimeout time.Duration `yaml:"bundleAckTimeout"`
+	// ReissueSpread spreads the re-issue that follows a change of signing
+	// CA over this long.
+	ReissueSpread time.Duration `yaml:"reissueSpread"`
+	// RecheckInterval is how often open streams' credentials are checked
+	// (token expiry, deleted service account).
+	RecheckInterval time.Duration `yaml:"recheckInterval"`
 }
 
 // Audit configures the audit trail.
@@ -198,6 +221,22 @@ func (c *Config) applyDefaults() {
 	if c.Authn.Cache.MaxEntries == 0 {
 		c.Authn.Cache.MaxEntries = 100_000
 	}
+	if c.SDS.Enabled == nil {
+		v := true
+		c.SDS.Enabled = &v
+	}
+	if c.SDS.MaxStreams == 0 {
+		c.SDS.MaxStreams = 20000
+	}
+	if c.SDS.MaxIssuing == 0 {
+		c.SDS.MaxIssuing = 8
+	}
+	if c.SDS.RenewWorkers == 0 {
+		c.SDS.RenewWorkers = 1
+	}
+	defDur(&c.SDS.BundleAckTimeout, 5*time.Second)
+	defDur(&c.SDS.ReissueSpread, 10*time.Second)
+	defDur(&c.SDS.RecheckInterval, 30*time.Second)
 	def(&c.Backend.Type, "selfsigned")
 	def(&c.Backend.SelfSigned.TrustDomain, c.TrustDomain)
 	defDur(&c.Policy.ReloadInterval, 5*time.Second)
@@ -274,6 +313,20 @@ func (c *Config) Validate() error {
 	}
 	if c.Policy.ReloadInterval < 100*time.Millisecond {
 		bad("policy.reloadInterval", "must be at least 100ms")
+	}
+	for path, n := range map[string]int{"sds.maxStreams": c.SDS.MaxStreams, "sds.maxIssuing": c.SDS.MaxIssuing, "sds.renewWorkers": c.SDS.RenewWorkers} {
+		if n < 1 {
+			bad(path, "must be at least 1, got %d", n)
+		}
+	}
+	if c.SDS.BundleAckTimeout < 0 || c.SDS.BundleAckTimeout > time.Minute {
+		bad("sds.bundleAckTimeout", "must be between 0 and 1m, got %s", c.SDS.BundleAckTimeout)
+	}
+	if c.SDS.ReissueSpread < 0 {
+		bad("sds.reissueSpread", "must not be negative")
+	}
+	if c.SDS.RecheckInterval < time.Second {
+		bad("sds.recheckInterval", "must be at least 1s, got %s", c.SDS.RecheckInterval)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
