@@ -113,13 +113,6 @@ func (s *sdsServer) stop() {
 	gs.Stop()
 }
 
-// restart stops the server and serves again on the same address.
-func (s *sdsServer) restart() {
-	s.t.Helper()
-	s.stop()
-	s.start(s.addr)
-}
-
 type countingListener struct {
 	net.Listener
 	n *atomic.Int64
