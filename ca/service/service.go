@@ -15,6 +15,7 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/edge"
@@ -38,6 +39,12 @@ type Config struct {
 
 // ServiceLabel is this service's name in metrics and audit lines.
 const ServiceLabel = "istio"
+
+// RenewAtHeader is the response header metadata key by which
+// CreateCertificate tells the client when to renew: the renewal point the
+// policy sets (ca.RenewAt with the rule's renewFraction and renewJitter),
+// RFC 3339 in UTC, whole seconds. Clients that do not know it ignore it.
+const RenewAtHeader = "meshca-renew-at"
 
 // Service implements IstioCertificateServiceServer.
 type Service struct {
@@ -90,10 +97,29 @@ func (s *Service) create(ctx context.Context, call *edge.Call, req *pb.IstioCert
 		return nil, err
 	}
 	call.Issued(issued)
+	if err := setRenewAt(ctx, issued); err != nil {
+		return nil, err
+	}
 	chain := make([]string, 0, 1+len(issued.ChainPEM))
 	chain = append(chain, issued.CertPEM)
 	chain = append(chain, issued.ChainPEM...)
 	return &pb.IstioCertificateResponse{CertChain: chain}, nil
+}
+
+// setRenewAt sends RenewAtHeader with the response. A direct call with no
+// gRPC stream behind its context (a unit test) has nowhere to send it and
+// skips it; a stream that cannot take the header fails the call, since its
+// response would not get through either.
+func setRenewAt(ctx context.Context, issued *ca.Issued) error {
+	if grpc.ServerTransportStreamFromContext(ctx) == nil {
+		return nil
+	}
+	at := ca.RenewAt(issued.NotBefore, issued.NotAfter, issued.Rule.RenewFraction, issued.Rule.RenewJitter)
+	md := metadata.Pairs(RenewAtHeader, at.UTC().Truncate(time.Second).Format(time.RFC3339))
+	if err := grpc.SetHeader(ctx, md); err != nil {
+		return fmt.Errorf("set %s header: %w", RenewAtHeader, err)
+	}
+	return nil
 }
 
 // secondsToDuration converts without overflow: anything beyond what a

@@ -121,6 +121,7 @@ func (s *syncBuffer) lines(t *testing.T) []map[string]any {
 }
 
 type fixture struct {
+	svc     *service.Service
 	client  pb.IstioCertificateServiceClient
 	dial    func(cert *tls.Certificate) pb.IstioCertificateServiceClient
 	metrics *metrics
@@ -199,7 +200,7 @@ func newFixtureWith(t *testing.T, policy *ca.Policy, backend ca.Backend) *fixtur
 		t.Cleanup(func() { conn.Close() })
 		return pb.NewIstioCertificateServiceClient(conn)
 	}
-	return &fixture{client: dial(nil), dial: dial, metrics: m, audit: audit, roots: roots}
+	return &fixture{svc: svc, client: dial(nil), dial: dial, metrics: m, audit: audit, roots: roots}
 }
 
 // csrFor is catest.CSRPEM as the string the Istio API carries.
@@ -273,6 +274,52 @@ func TestCreateCertificate(t *testing.T) {
 	leaf = parseChain(t, resp.CertChain)[0]
 	require.Equal(t, x509.KeyUsageDigitalSignature|x509.KeyUsageKeyEncipherment, leaf.KeyUsage)
 	require.InDelta(t, (24*time.Hour + 30*time.Second).Seconds(), leaf.NotAfter.Sub(leaf.NotBefore).Seconds(), 2, "0 means the policy default")
+}
+
+// TestCreateCertificateRenewAtHeader checks that an issued certificate
+// comes with the policy's renewal point in a header, so meshca agent renews
+// when the security team's policy says, and that a refusal carries none.
+func TestCreateCertificateRenewAtHeader(t *testing.T) {
+	fraction, jitter := 0.8, 20*time.Minute
+	f := newFixture(t, &ca.Policy{Default: ca.Rule{DefaultTTL: 24 * time.Hour, MinTTL: time.Hour, MaxTTL: 48 * time.Hour,
+		RenewFraction: &fraction, RenewJitter: &jitter}})
+	key := catest.Key(t, "P-256")
+	seen := map[time.Time]bool{}
+	for range 8 {
+		var header metadata.MD
+		resp, err := f.client.CreateCertificate(bearer(t, "tok-web"), &pb.IstioCertificateRequest{
+			Csr: csrFor(t, key, nil, webID), ValidityDuration: int64((2 * time.Hour).Seconds()),
+		}, grpc.Header(&header))
+		require.NoError(t, err)
+		leaf := parseChain(t, resp.CertChain)[0]
+		vals := header.Get(service.RenewAtHeader)
+		require.Len(t, vals, 1, "one %s header", service.RenewAtHeader)
+		at, err := time.Parse(time.RFC3339, vals[0])
+		require.NoError(t, err)
+		require.True(t, strings.HasSuffix(vals[0], "Z"), "UTC: %s", vals[0])
+		require.Equal(t, at, at.Truncate(time.Second), "whole seconds: %s", vals[0])
+		// A 2h lifetime plus the 30s back-date is 7230s; 0.8 of it is a whole
+		// 5784s, so whole-second truncation cannot fall below the window.
+		life := leaf.NotAfter.Sub(leaf.NotBefore)
+		latest := leaf.NotBefore.Add(time.Duration(float64(life) * fraction))
+		earliest := latest.Add(-jitter)
+		require.False(t, at.Before(earliest), "renew at %s, before %s", at, earliest)
+		require.False(t, at.After(latest), "renew at %s, after %s", at, latest)
+		seen[at] = true
+	}
+	require.Greater(t, len(seen), 1, "the jitter spreads renewals")
+
+	var header metadata.MD
+	_, err := f.client.CreateCertificate(bearer(t, "tok-forged"), &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)}, grpc.Header(&header))
+	require.Equal(t, codes.Unauthenticated, status.Code(err))
+	require.Empty(t, header.Get(service.RenewAtHeader), "no renewal point without a certificate")
+
+	// Called directly, with no gRPC stream to carry the header, it still
+	// issues.
+	ctx := metadata.NewIncomingContext(t.Context(), metadata.Pairs("authorization", "Bearer tok-web"))
+	resp, err := f.svc.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)})
+	require.NoError(t, err)
+	require.NotEmpty(t, resp.CertChain)
 }
 
 func TestCreateCertificateBadInput(t *testing.T) {
