@@ -5,6 +5,7 @@
 //	meshca policy explain --config FILE NS/SA
 //	meshca config check --config FILE  validate a configuration and its policy
 //	meshca config dev                  print the embedded dev configuration
+//	meshca agent [flags]               per-pod SDS and SPIFFE Workload API on a Unix socket
 package main
 
 import (
@@ -34,7 +35,8 @@ const usage = `usage:
   meshca serve (--config FILE | --dev) [--log-level LEVEL] [--grpc-address ADDR] [--admin-address ADDR]
   meshca policy explain --config FILE NAMESPACE/SERVICEACCOUNT
   meshca config check --config FILE
-  meshca config dev`
+  meshca config dev
+  meshca agent [--ca-address ADDR] [--ca-roots FILE] [--token-file FILE] [--socket PATH] ... (meshca agent -h lists them)`
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -44,6 +46,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "serve":
 		return serveCmd(ctx, args[1:], stderr)
+	case "agent":
+		return agentCmd(ctx, args[1:], stderr)
 	case "policy":
 		if len(args) < 2 || args[1] != "explain" {
 			return fmt.Errorf("unknown policy command; %s", usage)

@@ -3,6 +3,7 @@
 //	meshctl dev-token --ns N --sa S     mint a development token (dev mode only)
 //	meshctl issue --token T             ask a running meshca for a certificate
 //	meshctl bench                       load-test a running meshca
+//	meshctl svid --socket PATH          fetch an SVID from meshca agent's Workload API
 package main
 
 import (
@@ -31,7 +32,8 @@ func main() {
 const usage = `usage:
   meshctl dev-token [--config FILE] --ns NAMESPACE --sa SERVICEACCOUNT [--pod NAME] [--ttl 1h]
   meshctl issue [--addr HOST:PORT] [--ca-cert FILE] --token TOKEN|@FILE [--ttl 1h] [--key ecdsa|rsa] [--out DIR]
-  meshctl bench [--addr HOST:PORT] [--ca-cert FILE] [--concurrency 1,8,64] [--duration 10s] [--metrics URL]`
+  meshctl bench [--addr HOST:PORT] [--ca-cert FILE] [--concurrency 1,8,64] [--duration 10s] [--metrics URL]
+  meshctl svid [--socket PATH] [--out DIR]`
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -45,6 +47,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return issueCmd(ctx, args[1:], stdout, stderr)
 	case "bench":
 		return benchCmd(ctx, args[1:], stdout, stderr)
+	case "svid":
+		return svidCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprintln(stdout, usage)
 		return nil
