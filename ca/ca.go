@@ -283,6 +283,11 @@ type Issued struct {
 	SignedBy  string
 	// Rule is the policy that applied, for the renewal schedule.
 	Rule Effective
+	// RenewAt is when the holder should replace the leaf: RenewAt over
+	// the leaf's life counted from the moment it was issued, not from
+	// its back-dated NotBefore (which, for short lifetimes, would put the
+	// renewal point in the past).
+	RenewAt time.Time
 	// Clamp says whether the requested lifetime was clamped.
 	Clamp Clamp
 }
@@ -379,6 +384,7 @@ func (c *CA) issue(ctx context.Context, caller *authn.Caller, rule Effective, cs
 		SignedBy:  resp.SignedBy,
 		Rule:      rule,
 		Clamp:     clamp,
+		RenewAt:   RenewAt(maxTime(now, resp.NotBefore), resp.NotAfter, rule.RenewFraction, rule.RenewJitter),
 	}, nil
 }
 
@@ -422,6 +428,13 @@ func (c *CA) Sign(ctx context.Context, req SignRequest) (*SignResponse, error) {
 		return nil, fmt.Errorf("sign: %w", err)
 	}
 	return resp, nil
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // noteLeaf records a leaf's NotAfter for Change.OldLeavesUntil.

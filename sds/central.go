@@ -68,7 +68,7 @@ func (s *Server) issue(ctx context.Context, st *stream) (*material, error) {
 	}
 	m := &material{chainPEM: []byte(chain.String()), keyPEM: keyPEM, serial: is.Serial,
 		notBefore: is.NotBefore, notAfter: is.NotAfter,
-		renewAt: ca.RenewAt(is.NotBefore, is.NotAfter, is.Rule.RenewFraction, is.Rule.RenewJitter)}
+		renewAt: is.RenewAt}
 	return m, call.End(nil)
 }
 

@@ -114,7 +114,7 @@ func setRenewAt(ctx context.Context, issued *ca.Issued) error {
 	if grpc.ServerTransportStreamFromContext(ctx) == nil {
 		return nil
 	}
-	at := ca.RenewAt(issued.NotBefore, issued.NotAfter, issued.Rule.RenewFraction, issued.Rule.RenewJitter)
+	at := issued.RenewAt
 	md := metadata.Pairs(RenewAtHeader, at.UTC().Truncate(time.Second).Format(time.RFC3339))
 	if err := grpc.SetHeader(ctx, md); err != nil {
 		return fmt.Errorf("set %s header: %w", RenewAtHeader, err)

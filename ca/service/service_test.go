@@ -298,11 +298,12 @@ func TestCreateCertificateRenewAtHeader(t *testing.T) {
 		require.NoError(t, err)
 		require.True(t, strings.HasSuffix(vals[0], "Z"), "UTC: %s", vals[0])
 		require.Equal(t, at, at.Truncate(time.Second), "whole seconds: %s", vals[0])
-		// A 2h lifetime plus the 30s back-date is 7230s; 0.8 of it is a whole
-		// 5784s, so whole-second truncation cannot fall below the window.
-		life := leaf.NotAfter.Sub(leaf.NotBefore)
-		latest := leaf.NotBefore.Add(time.Duration(float64(life) * fraction))
-		earliest := latest.Add(-jitter)
+		// The fraction counts from issuance, not from the NotBefore that
+		// is back-dated 30s for clock skew; the header's whole seconds
+		// may fall up to 1s below the exact point.
+		issued := leaf.NotBefore.Add(30 * time.Second)
+		latest := issued.Add(time.Duration(float64(leaf.NotAfter.Sub(issued)) * fraction))
+		earliest := latest.Add(-jitter - time.Second)
 		require.False(t, at.Before(earliest), "renew at %s, before %s", at, earliest)
 		require.False(t, at.After(latest), "renew at %s, after %s", at, latest)
 		seen[at] = true

@@ -189,6 +189,7 @@ type meshca struct {
 	exited    chan error
 	exitErr   error
 	stopped   bool
+	logged    bool
 }
 
 // stop sends SIGTERM and returns how the process exited. It is idempotent.
@@ -242,28 +243,12 @@ audit:
 	if !strings.Contains(yaml, "backend:") {
 		full += fmt.Sprintf("backend:\n  type: selfsigned\n  selfSigned:\n    dir: %s\n    intermediate: true\n", filepath.Join(dir, "ca"))
 	}
-	cfgPath := filepath.Join(dir, "meshca.yaml")
-	require.NoError(t, os.WriteFile(cfgPath, []byte(full), 0o600))
-	logf, err := os.Create(m.logPath)
-	require.NoError(t, err)
-	cmd := exec.Command(filepath.Join(binDir, "meshca"), "serve", "--config", cfgPath)
-	cmd.Dir = dir
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	m.cmd, m.exited = cmd, exited
-	t.Cleanup(func() {
-		_ = m.stop(t)
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(m.logPath)
-			t.Logf("meshca log:\n%s", b)
-		}
-	})
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "meshca.yaml"), []byte(full), 0o600))
+	m.exec(t)
 	if !strings.Contains(yaml, "backend:") {
 		// The selfsigned root is written before meshca listens.
 		require.Eventually(t, func() bool {
+			var err error
 			m.rootPEM, err = os.ReadFile(filepath.Join(dir, "ca", "root-cert.pem"))
 			return err == nil
 		}, 30*time.Second, 20*time.Millisecond)
@@ -271,6 +256,38 @@ audit:
 		require.True(t, m.roots.AppendCertsFromPEM(m.rootPEM))
 	}
 	return m
+}
+
+// exec starts the meshca process on m's configuration.
+func (m *meshca) exec(t *testing.T) {
+	t.Helper()
+	logf, err := os.OpenFile(m.logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	require.NoError(t, err)
+	cmd := exec.Command(filepath.Join(binDir, "meshca"), "serve", "--config", filepath.Join(m.dir, "meshca.yaml"))
+	cmd.Dir = m.dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	require.NoError(t, cmd.Start())
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	m.cmd, m.exited, m.stopped, m.exitErr = cmd, exited, false, nil
+	t.Cleanup(func() {
+		_ = m.stop(t)
+		logf.Close()
+		if t.Failed() && !m.logged {
+			m.logged = true
+			b, _ := os.ReadFile(m.logPath)
+			t.Logf("meshca log:\n%s", b)
+		}
+	})
+}
+
+// restart stops meshca and starts it again on the same configuration,
+// addresses and CA directory, and waits until it is ready.
+func (m *meshca) restart(t *testing.T) {
+	t.Helper()
+	_ = m.stop(t)
+	m.exec(t)
+	m.waitReady(t, 30*time.Second)
 }
 
 // readyz returns the admin endpoint's status code and body (0 when down).
