@@ -338,4 +338,4 @@ func TestAgent(t *testing.T) {
 type svidWatcher struct{ updates chan *workloadapi.X509Context }
 
 func (w *svidWatcher) OnX509ContextUpdate(x *workloadapi.X509Context) { w.updates <- x }
-func (w *svidWatcher) OnX509ContextWatchError(error)                   {}
+func (w *svidWatcher) OnX509ContextWatchError(error)                  {}
