@@ -1,16 +1,19 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	httppprof "net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/meshca/meshca/sds"
 )
 
-// adminMux serves /metrics, /healthz, /readyz and, with --pprof, Go's
-// profiles.
+// adminMux serves /metrics, /healthz, /readyz, /proxies (the open SDS
+// streams as JSON, soonest expiry first) and, with --pprof, Go's profiles.
 func (s *server) adminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
@@ -20,6 +23,14 @@ func (s *server) adminMux() *http.ServeMux {
 		mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
 		mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
 	}
+	mux.HandleFunc("/proxies", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		proxies := []sds.Proxy{}
+		if s.sds != nil {
+			proxies = s.sds.Proxies()
+		}
+		_ = json.NewEncoder(w).Encode(proxies)
+	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})

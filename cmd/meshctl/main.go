@@ -4,6 +4,7 @@
 //	meshctl issue --token T             ask a running meshca for a certificate
 //	meshctl bench                       load-test a running meshca
 //	meshctl svid --socket PATH          fetch an SVID from meshca agent's Workload API
+//	meshctl proxies                     list the proxies on meshca's SDS, soonest expiry first
 package main
 
 import (
@@ -33,7 +34,8 @@ const usage = `usage:
   meshctl dev-token [--config FILE] --ns NAMESPACE --sa SERVICEACCOUNT [--pod NAME] [--ttl 1h]
   meshctl issue [--addr HOST:PORT] [--ca-cert FILE] --token TOKEN|@FILE [--ttl 1h] [--key ecdsa|rsa] [--out DIR]
   meshctl bench [--addr HOST:PORT] [--ca-cert FILE] [--concurrency 1,8,64] [--duration 10s] [--metrics URL]
-  meshctl svid [--socket PATH] [--out DIR]`
+  meshctl svid [--socket PATH] [--out DIR]
+  meshctl proxies [--admin URL] [--json]`
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -49,6 +51,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return benchCmd(ctx, args[1:], stdout, stderr)
 	case "svid":
 		return svidCmd(ctx, args[1:], stdout, stderr)
+	case "proxies":
+		return proxiesCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprintln(stdout, usage)
 		return nil

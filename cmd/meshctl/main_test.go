@@ -8,16 +8,21 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
 	"flag"
 	"math/big"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/meshca/meshca/sds"
 )
 
 // These tests drive meshctl through run, its entry point, with arguments
@@ -150,4 +155,29 @@ func TestIssueUnreachable(t *testing.T) {
 		_, _, err := runMeshctl(t, "issue", "--addr", addr, "--ca-cert", filepath.Join(t.TempDir(), "absent.pem"), "--token", fakeToken("demo", "web"))
 		require.ErrorIs(t, err, os.ErrNotExist)
 	})
+}
+
+func TestProxiesPrintsTheAdminListing(t *testing.T) {
+	na := time.Now().Add(90 * time.Minute)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		require.Equal(t, "/proxies", r.URL.Path)
+		_ = json.NewEncoder(w).Encode([]sds.Proxy{{
+			Identity: "spiffe://cluster.local/ns/shop/sa/web", Node: "sidecar~10.0.0.1~web", Mode: sds.ModeCentral, Protocol: "sotw",
+			Resources: []string{"ROOTCA", "default"}, Serial: "0123456789abcdef", NotAfter: &na, BundleCurrent: true,
+		}})
+	}))
+	defer srv.Close()
+	out, _, err := runMeshctl(t, "proxies", "--admin", srv.URL)
+	require.NoError(t, err)
+	require.Contains(t, out, "spiffe://cluster.local/ns/shop/sa/web")
+	require.Contains(t, out, "central/sotw")
+	require.Contains(t, out, "ROOTCA,default")
+	require.Contains(t, out, "0123456789ab")
+	require.Regexp(t, `1h(29m5\d|30m0)s`, out)
+	require.Contains(t, out, "1 proxies")
+
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { http.Error(w, "nope", http.StatusNotFound) }))
+	defer bad.Close()
+	_, _, err = runMeshctl(t, "proxies", "--admin", bad.URL)
+	require.ErrorContains(t, err, "404")
 }

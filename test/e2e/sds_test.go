@@ -161,6 +161,11 @@ func TestCentralSDS(t *testing.T) {
 			}
 			require.GreaterOrEqual(t, sdsIssued, 2)
 			require.GreaterOrEqual(t, m.metric(t, `meshca_requests_total{code="OK",service="sds"}`), 2.0)
+			require.GreaterOrEqual(t, m.metric(t, `meshca_sds_streams{mode="central"}`), 3.0)
+			out, err := exec.Command(filepath.Join(binDir, "meshctl"), "proxies", "--admin", m.adminURL).CombinedOutput()
+			require.NoError(t, err, string(out))
+			require.Contains(t, string(out), spiffeID(ns, "web"))
+			require.Contains(t, string(out), "sidecar~10.0.0.1~web.e2e")
 
 			// The account is deleted: its token streams end with
 			// Unauthenticated within the recheck interval, and the proxy
