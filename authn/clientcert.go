@@ -5,7 +5,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"strings"
+	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -24,7 +27,13 @@ type ClientCertConfig struct {
 	ServiceAccounts ServiceAccountLookup
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+	// Verifications, if set, counts chain verifications: one per client
+	// connection (and bundle), not one per request.
+	Verifications prometheus.Counter
 }
+
+// maxVerified bounds the remembered chain verifications.
+const maxVerified = 4096
 
 // ClientCert lets a workload that holds an unexpired certificate from this
 // CA renew the same identity without a token. A call that also carries a
@@ -32,6 +41,21 @@ type ClientCertConfig struct {
 // blocks a good token.
 type ClientCert struct {
 	cfg ClientCertConfig
+
+	mu sync.Mutex
+	// verified remembers, per client leaf (the same *x509.Certificate for
+	// every request on a TLS connection), whether its chain verified
+	// against a bundle (identified by its first root and length). A chain
+	// is verified once per connection: a peer cannot make meshca verify
+	// an expensive chain on every request.
+	verified map[*x509.Certificate]verdict
+	order    []*x509.Certificate
+}
+
+type verdict struct {
+	root *x509.Certificate
+	n    int
+	ok   bool
 }
 
 // NewClientCert returns a ClientCert authenticator.
@@ -59,23 +83,12 @@ func (c *ClientCert) Authenticate(ctx context.Context, creds Credentials) (*Call
 	if err != nil {
 		return nil, errors.Join(ErrUnavailable, err)
 	}
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
-	inter := x509.NewCertPool()
-	for _, ic := range creds.PeerCertificates[1:] {
-		inter.AddCert(ic)
-	}
 	leaf := creds.PeerCertificates[0]
 	now := c.cfg.Now()
 	if now.After(leaf.NotAfter) {
 		return nil, Fail(ReasonExpired, "client certificate expired at %s", leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{
-		Roots: pool, Intermediates: inter, CurrentTime: now,
-		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}); err != nil {
+	if !c.verify(creds.PeerCertificates, roots, now) {
 		return nil, Fail(ReasonUntrustedCert, "client certificate does not chain to this CA's roots")
 	}
 	if len(leaf.URIs) != 1 {
@@ -100,4 +113,51 @@ func (c *ClientCert) Authenticate(ctx context.Context, creds Credentials) (*Call
 		return nil, err
 	}
 	return caller, nil
+}
+
+// verify reports whether chain verifies for client authentication against
+// roots at now, remembering the answer for the chain's connection.
+// Expiry is checked by the caller on every request, so a remembered
+// verdict never outlives the leaf.
+func (c *ClientCert) verify(chain, roots []*x509.Certificate, now time.Time) bool {
+	leaf := chain[0]
+	var first *x509.Certificate
+	if len(roots) > 0 {
+		first = roots[0]
+	}
+	c.mu.Lock()
+	v, ok := c.verified[leaf]
+	c.mu.Unlock()
+	if ok && v.root == first && v.n == len(roots) {
+		return v.ok
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	inter := x509.NewCertPool()
+	for _, ic := range chain[1:] {
+		inter.AddCert(ic)
+	}
+	_, err := leaf.Verify(x509.VerifyOptions{
+		Roots: pool, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	if c.cfg.Verifications != nil {
+		c.cfg.Verifications.Inc()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.verified == nil {
+		c.verified = map[*x509.Certificate]verdict{}
+	}
+	if _, known := c.verified[leaf]; !known {
+		if len(c.order) >= maxVerified {
+			delete(c.verified, c.order[0])
+			c.order = c.order[1:]
+		}
+		c.order = append(c.order, leaf)
+	}
+	c.verified[leaf] = verdict{root: first, n: len(roots), ok: err == nil}
+	return err == nil
 }

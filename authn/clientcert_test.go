@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 
@@ -108,4 +110,44 @@ func TestClientCert(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestClientCertVerifiesOncePerConnection: requests on one connection (the
+// same parsed leaf) verify the chain once; a new bundle or a new
+// connection verifies again; a refused chain stays refused without more
+// verification work.
+func TestClientCertVerifiesOncePerConnection(t *testing.T) {
+	p := newPKI(t)
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	bundle := []*x509.Certificate{p.root}
+	verifications := prometheus.NewCounter(prometheus.CounterOpts{Name: "v"})
+	a, err := authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td, Verifications: verifications,
+		Roots: func(context.Context) ([]*x509.Certificate, error) { return bundle, nil }})
+	require.NoError(t, err)
+	leaf := p.leaf(t, "spiffe://cluster.local/ns/demo/sa/web", time.Now().Add(time.Hour), x509.ExtKeyUsageClientAuth)
+	conn := authn.Credentials{PeerCertificates: []*x509.Certificate{leaf, p.inter}}
+	for range 50 {
+		_, err := a.Authenticate(t.Context(), conn)
+		require.NoError(t, err)
+	}
+	require.Equal(t, 1.0, testutil.ToFloat64(verifications))
+
+	bundle = []*x509.Certificate{newPKI(t).root, p.root}
+	_, err = a.Authenticate(t.Context(), conn)
+	require.NoError(t, err)
+	require.Equal(t, 2.0, testutil.ToFloat64(verifications), "a new bundle is verified against")
+
+	reparsed, err := x509.ParseCertificate(leaf.Raw)
+	require.NoError(t, err)
+	_, err = a.Authenticate(t.Context(), authn.Credentials{PeerCertificates: []*x509.Certificate{reparsed, p.inter}})
+	require.NoError(t, err)
+	require.Equal(t, 3.0, testutil.ToFloat64(verifications), "another connection")
+
+	forged := newPKI(t).leaf(t, "spiffe://cluster.local/ns/demo/sa/web", time.Now().Add(time.Hour), x509.ExtKeyUsageClientAuth)
+	bad := authn.Credentials{PeerCertificates: []*x509.Certificate{forged}}
+	for range 20 {
+		_, err := a.Authenticate(t.Context(), bad)
+		require.ErrorIs(t, err, authn.ErrUnauthenticated)
+	}
+	require.Equal(t, 4.0, testutil.ToFloat64(verifications), "a refused chain is not re-verified on its connection")
 }

@@ -1,7 +1,12 @@
 package authn_test
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"net"
 	"net/url"
 	"testing"
@@ -44,7 +49,7 @@ func TestCheckCSR(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			err := authn.CheckCSR(caller, &tc.csr)
+			err := authn.CheckCSR(caller, realCSR(t, &tc.csr))
 			if tc.wantErr == nil {
 				require.NoError(t, err)
 				return
@@ -68,4 +73,37 @@ func TestServiceAccountID(t *testing.T) {
 	require.ErrorIs(t, err, authn.ErrUnauthenticated)
 	_, err = authn.ServiceAccountID(td, "demo", "we b")
 	require.ErrorIs(t, err, authn.ErrUnauthenticated)
+}
+
+// realCSR signs tmpl and parses it back, so that CheckCSR sees the
+// encoded extensions as it would from the wire.
+func realCSR(t *testing.T, tmpl *x509.CertificateRequest) *x509.CertificateRequest {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	require.NoError(t, err)
+	csr, err := x509.ParseCertificateRequest(der)
+	require.NoError(t, err)
+	return csr
+}
+
+// TestCheckCSRComparesEncodedBytes: URIs that parse to the caller's ID but
+// are encoded otherwise are refused, so the leaf never carries other bytes
+// than those checked.
+func TestCheckCSRComparesEncodedBytes(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	id, err := authn.ServiceAccountID(td, "demo", "web")
+	require.NoError(t, err)
+	caller := &authn.Caller{ID: id, Namespace: "demo", ServiceAccount: "web"}
+	for _, raw := range []string{"SPIFFE://cluster.local/ns/demo/sa/web", "spiffe://cluster.local/ns/demo/sa/web#", "spiffe://CLUSTER.local/ns/demo/sa/web"} {
+		san, err := asn1.Marshal([]asn1.RawValue{{Class: asn1.ClassContextSpecific, Tag: 6, Bytes: []byte(raw)}})
+		require.NoError(t, err)
+		csr := realCSR(t, &x509.CertificateRequest{ExtraExtensions: []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 17}, Value: san}}})
+		err = authn.CheckCSR(caller, csr)
+		require.ErrorIs(t, err, authn.ErrIdentityMismatch, raw)
+		var me *authn.MismatchError
+		require.ErrorAs(t, err, &me)
+		require.Equal(t, []string{raw}, me.Asked, "the refusal shows the bytes asked for")
+	}
 }

@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"bytes"
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/pem"
@@ -27,6 +28,8 @@ const (
 	CSRRequestsCA         = "requests_ca"
 	CSRForbiddenExtension = "forbidden_extension"
 	CSRKeyType            = "key_type"
+	CSRWeakSignature      = "weak_csr_signature"
+	CSRNonCanonicalKey    = "noncanonical_key"
 )
 
 // CSRError is a refused CSR. Its message is safe to send to the client and
@@ -95,9 +98,19 @@ func ParseCSR(der []byte) (*x509.CertificateRequest, KeyType, error) {
 			return nil, "", csrErr(CSRForbiddenExtension, "CSR carries extension %s; only subjectAltName, keyUsage and extKeyUsage are allowed", ext.Id)
 		}
 	}
+	switch csr.SignatureAlgorithm {
+	case x509.SHA1WithRSA, x509.ECDSAWithSHA1, x509.DSAWithSHA1, x509.MD5WithRSA, x509.MD2WithRSA:
+		return nil, "", csrErr(CSRWeakSignature, "CSR is signed with %s; sign it with SHA-256 or stronger", csr.SignatureAlgorithm)
+	}
 	kt, err := KeyTypeOf(csr)
 	if err != nil {
 		return nil, "", err
+	}
+	// The signer copies the key's encoding into the leaf. Go's parser
+	// tolerates trailing data inside it (and inside an RSA key), which
+	// other parsers refuse: only the canonical encoding goes through.
+	if canon, err := x509.MarshalPKIXPublicKey(csr.PublicKey); err != nil || !bytes.Equal(canon, csr.RawSubjectPublicKeyInfo) {
+		return nil, "", csrErr(CSRNonCanonicalKey, "CSR's public key is not in canonical DER (it carries extra or non-minimal bytes); re-create the CSR with a standard library")
 	}
 	// Checked last: it is the expensive step, and the checks above refuse
 	// cheaply what would be refused anyway.

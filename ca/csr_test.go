@@ -1,6 +1,9 @@
 package ca_test
 
 import (
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
@@ -55,6 +58,13 @@ func TestParseCSR(t *testing.T) {
 		}, csrTestID), wantReason: ca.CSRForbiddenExtension},
 		{name: "P-224 key", pem: catest.CSRPEM(t, catest.Key(t, "P-224"), nil, csrTestID), wantReason: ca.CSRKeyType},
 		{name: "RSA-1024 key", pem: catest.CSRPEM(t, catest.Key(t, "RSA-1024"), nil, csrTestID), wantReason: ca.CSRKeyType},
+		{name: "signed with SHA-1 (ECDSA)", pem: catest.CSRPEM(t, p256, func(r *x509.CertificateRequest) {
+			r.SignatureAlgorithm = x509.ECDSAWithSHA1
+		}, csrTestID), wantReason: ca.CSRWeakSignature},
+		{name: "signed with SHA-1 (RSA)", pem: catest.CSRPEM(t, catest.Key(t, "RSA-2048"), func(r *x509.CertificateRequest) {
+			r.SignatureAlgorithm = x509.SHA1WithRSA
+		}, csrTestID), wantReason: ca.CSRWeakSignature},
+		{name: "attacker text inside the public key", pem: spkiWithTrailer(t, p256.(*ecdsa.PrivateKey), good), wantReason: ca.CSRNonCanonicalKey},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -72,6 +82,53 @@ func TestParseCSR(t *testing.T) {
 			require.NotContains(t, err.Error(), "MII", "an error must not echo the CSR")
 		})
 	}
+}
+
+// spkiWithTrailer re-signs good's request with an extra element appended
+// inside its SubjectPublicKeyInfo, which Go's parser accepts and would
+// otherwise be copied into the leaf verbatim.
+func spkiWithTrailer(t *testing.T, key *ecdsa.PrivateKey, good []byte) []byte {
+	t.Helper()
+	block, _ := pem.Decode(good)
+	csr, err := x509.ParseCertificateRequest(block.Bytes)
+	require.NoError(t, err)
+	var tbs asn1.RawValue
+	_, err = asn1.Unmarshal(csr.RawTBSCertificateRequest, &tbs)
+	require.NoError(t, err)
+	var parts []asn1.RawValue
+	for b := tbs.Bytes; len(b) > 0; {
+		var v asn1.RawValue
+		b, err = asn1.Unmarshal(b, &v)
+		require.NoError(t, err)
+		parts = append(parts, v)
+	}
+	trailer, err := asn1.Marshal([]byte(strings.Repeat("attacker text ", 8)))
+	require.NoError(t, err)
+	spki := parts[2]
+	spki.FullBytes = nil
+	spki.Bytes = append(append([]byte(nil), spki.Bytes...), trailer...)
+	parts[2] = spki
+	var content []byte
+	for _, p := range parts {
+		enc, err := asn1.Marshal(p)
+		require.NoError(t, err)
+		content = append(content, enc...)
+	}
+	newTBS, err := asn1.Marshal(asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: content})
+	require.NoError(t, err)
+	digest := sha256.Sum256(newTBS)
+	sig, err := ecdsa.SignASN1(rand.Reader, key, digest[:])
+	require.NoError(t, err)
+	der, err := asn1.Marshal(struct {
+		TBS asn1.RawValue
+		Alg pkix.AlgorithmIdentifier
+		Sig asn1.BitString
+	}{asn1.RawValue{FullBytes: newTBS}, pkix.AlgorithmIdentifier{Algorithm: asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}}, asn1.BitString{Bytes: sig, BitLength: 8 * len(sig)}})
+	require.NoError(t, err)
+	parsed, err := x509.ParseCertificateRequest(der)
+	require.NoError(t, err, "Go's parser accepts it")
+	require.NoError(t, parsed.CheckSignature())
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
 }
 
 // parseCSRPEM runs a PEM CSR through both steps an edge takes.

@@ -287,8 +287,9 @@ type cacheMetrics struct {
 // Metrics are the authenticators' metrics. Make one per process (New does)
 // and share it: every authenticator counts into the same series.
 type Metrics struct {
-	cacheRequests *prometheus.CounterVec
-	jwksFetches   *prometheus.CounterVec
+	cacheRequests           *prometheus.CounterVec
+	jwksFetches             *prometheus.CounterVec
+	clientCertVerifications prometheus.Counter
 }
 
 // NewMetrics creates the metrics on reg (nil: unregistered), the way every
@@ -300,6 +301,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "meshca_authn_cache_requests_total",
 			Help: "Lookups in the cache of authenticated tokens, by authenticator and result (hit or miss).",
 		}, []string{"authenticator", "result"}),
+		clientCertVerifications: f.NewCounter(prometheus.CounterOpts{
+			Name: "meshca_authn_clientcert_verifications_total",
+			Help: "Client certificate chains verified: one per connection and trust bundle, not one per request.",
+		}),
 		jwksFetches: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshca_authn_jwks_fetches_total",
 			Help: "Fetches of the service-account issuer's JSON Web Key Set, by result (ok or error).",

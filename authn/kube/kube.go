@@ -133,7 +133,8 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Authenticators, error) {
 		)
 		switch name {
 		case NameClientCert:
-			a, err = authn.NewClientCert(authn.ClientCertConfig{TrustDomain: cfg.TrustDomain, Roots: deps.Roots, ServiceAccounts: lookup})
+			a, err = authn.NewClientCert(authn.ClientCertConfig{TrustDomain: cfg.TrustDomain, Roots: deps.Roots, ServiceAccounts: lookup,
+				Verifications: metrics.clientCertVerifications})
 		case NameJWT:
 			out.JWT, err = NewJWT(JWTConfig{
 				TrustDomain: cfg.TrustDomain, Issuer: cfg.Issuer, Audiences: cfg.Audiences,

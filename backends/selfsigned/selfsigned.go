@@ -410,6 +410,9 @@ func (b *Root) loadRoot(certPath, keyPath string) (*x509.Certificate, crypto.Sig
 	if err != nil {
 		return nil, nil, fmt.Errorf("load root: %w: %w", err, ErrInvalidRoot)
 	}
+	if fi, err := os.Stat(keyPath); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		b.log.Warn("the root key file is readable by group or others; run chmod 600 on it", "path", keyPath, "mode", fi.Mode().Perm().String())
+	}
 	// Never put key bytes into an error.
 	block, _ = pem.Decode(keyPEM)
 	if block == nil || block.Type != "PRIVATE KEY" {

@@ -1,10 +1,12 @@
 package selfsigned_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/x509"
 	"encoding/pem"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -218,6 +220,24 @@ func TestPersistence(t *testing.T) {
 	require.True(t, root1[0].Equal(root2[0]))
 	require.NotEqual(t, b1.SigningChain()[0].SerialNumber, b2.SigningChain()[0].SerialNumber)
 	verifyAt(t, signLeaf(t, b1, time.Hour), root2, time.Now())
+}
+
+// TestLoosePermissionsWarn: a root key others can read loads, with a
+// warning that says how to fix it.
+func TestLoosePermissionsWarn(t *testing.T) {
+	dir := t.TempDir()
+	_, err := selfsigned.New(selfsigned.Config{Dir: dir}, selfsigned.Deps{})
+	require.NoError(t, err)
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	_, err = selfsigned.New(selfsigned.Config{Dir: dir}, selfsigned.Deps{Log: log})
+	require.NoError(t, err)
+	require.NotContains(t, logs.String(), "readable by group or others")
+	require.NoError(t, os.Chmod(filepath.Join(dir, selfsigned.RootKeyFile), 0o644))
+	_, err = selfsigned.New(selfsigned.Config{Dir: dir}, selfsigned.Deps{Log: log})
+	require.NoError(t, err)
+	require.Contains(t, logs.String(), "readable by group or others; run chmod 600")
+	require.NotContains(t, logs.String(), "PRIVATE KEY")
 }
 
 func TestPersistence_Errors(t *testing.T) {

@@ -26,6 +26,8 @@ type readiness struct {
 	health   *health.Server
 	ready    atomic.Bool
 	notReady atomic.Pointer[string] // what it waits for, when known
+	// lastCause is the last logged cause, so each is logged once.
+	lastCause atomic.Pointer[string]
 }
 
 // newReadiness registers gRPC health on g, NOT_SERVING until wait finishes.
@@ -45,10 +47,14 @@ func (r *readiness) wait(ctx context.Context, checks []check) error {
 			if err == nil {
 				break
 			}
-			msg := c.what + ": " + err.Error()
-			if prev := r.notReady.Swap(&msg); prev == nil || *prev != msg {
+			// /readyz names the check; the cause (paths, hosts, apiserver
+			// messages) goes to the log only, once per distinct cause.
+			msg := c.what + " (see meshca's log for the cause)"
+			cause := err.Error()
+			if prev := r.lastCause.Swap(&cause); prev == nil || *prev != cause {
 				r.log.Warn("not ready", "waiting_for", c.what, "err", err)
 			}
+			r.notReady.Store(&msg)
 			select {
 			case <-ctx.Done():
 				return nil

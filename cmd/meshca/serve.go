@@ -25,7 +25,6 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/keepalive"
 	"k8s.io/klog/v2"
 
 	"github.com/meshca/meshca/authn/kube"
@@ -117,6 +116,7 @@ type server struct {
 	runners   map[string]ca.Runner
 	authn     *kube.Authenticators
 	sds       *sds.Server
+	limits    edge.Limits
 	ready     *readiness
 	auditFile *os.File
 	pprof     bool
@@ -170,6 +170,10 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		log.Warn("DEVELOPMENT MODE: tokens are verified against a local development key; never use this in production", "dir", cfg.Dev.Dir)
 		if _, err := devkey.Ensure(cfg.Dev.Dir); err != nil {
 			return nil, err
+		}
+		keyPath := filepath.Join(cfg.Dev.Dir, devkey.KeyFile)
+		if fi, err := os.Stat(keyPath); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			log.Warn("the dev token-signing key is readable by group or others; run chmod 600 on it", "path", keyPath, "mode", fi.Mode().Perm().String())
 		}
 		rootFile := filepath.Join(cfg.Dev.Dir, devkey.RootFile)
 		if err := writeRoots(s.ca.State().Roots, rootFile); err != nil {
@@ -240,24 +244,36 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 	if err != nil {
 		return nil, err
 	}
-	s.grpc = grpc.NewServer(
+	s.limits = edge.Limits{
+		MaxConnections: cfg.Server.MaxConnections, HandshakeTimeout: cfg.Server.HandshakeTimeout,
+		MaxConcurrentStreams: cfg.Server.MaxConcurrentStreams, MaxHeaderListBytes: cfg.Server.MaxHeaderListBytes,
+		RequestTimeout: cfg.Server.RequestTimeout, MaxConnectionAge: cfg.Server.MaxConnectionAge,
+		MaxConnectionAgeGrace: cfg.Server.MaxConnectionAgeGrace, MaxConnectionIdle: cfg.Server.MaxConnectionIdle,
+		Shed: edge.NewShedCounter(s.reg),
+	}
+	maxChain := cfg.Server.MaxClientChain
+	opts := append(s.limits.ServerOptions(),
 		grpc.Creds(credentials.NewTLS(&tls.Config{
 			GetCertificate: s.serving.GetCertificate,
 			// Client certificates are optional and verified by the
 			// clientcert authenticator against the current roots, which
-			// rotate; the handshake only collects them.
+			// rotate; the handshake only collects them, and refuses
+			// chains longer or larger than meshca ever issues, before
+			// anyone spends CPU verifying them.
 			ClientAuth: tls.RequestClientCert,
+			VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+				return checkClientChain(raw, maxChain)
+			},
 			MinVersion: tls.VersionTLS12,
 		})),
 		// Large enough that an oversized CSR reaches the handler and gets
 		// a precise answer; anything bigger is refused by gRPC itself.
 		grpc.MaxRecvMsgSize(256<<10),
-		grpc.MaxConcurrentStreams(cfg.Server.MaxConcurrentStreams),
 		// Reused workers keep the stacks that signing grows; a fresh
 		// goroutine per request paid for that growth every time.
 		grpc.NumStreamWorkers(uint32(4*runtime.GOMAXPROCS(0))),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
+	s.grpc = grpc.NewServer(opts...)
 	svc.Register(s.grpc)
 	if *cfg.SDS.Enabled {
 		sdsEdge, err := edge.New(edge.Edge{
@@ -293,7 +309,9 @@ func (s *server) trustBundle(context.Context) ([]*x509.Certificate, error) {
 }
 
 func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
-	admin := &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		// pprof's CPU profile streams for its seconds parameter.
+		WriteTimeout: 2 * time.Minute, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
 	s.log.Info("meshca serving", "grpc", grpcLis.Addr().String(), "admin", adminLis.Addr().String(),
 		"backend", s.cfg.Backend.Type, "authn", strings.Join(s.cfg.Authn.Chain, ","), "trust_domain", s.cfg.TrustDomain)
 
@@ -307,7 +325,7 @@ func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		})
 	}
 	g.Go(func() error {
-		if err := s.grpc.Serve(grpcLis); err != nil {
+		if err := s.grpc.Serve(s.limits.Listener(grpcLis)); err != nil {
 			return fmt.Errorf("serve gRPC: %w", err)
 		}
 		return nil
@@ -371,6 +389,25 @@ func (s *server) close() {
 	if s.auditFile != nil {
 		s.auditFile.Close()
 	}
+}
+
+// checkClientChain refuses, during the handshake, a client chain longer
+// than max certificates or larger than 8 KiB per certificate allowed:
+// meshca's own chains are a leaf and at most a few CAs, and verifying a
+// long chain of expensive signatures is work an unauthenticated peer could
+// make meshca do.
+func checkClientChain(raw [][]byte, maxCerts int) error {
+	if len(raw) > maxCerts {
+		return fmt.Errorf("client certificate chain has %d certificates; meshca accepts at most %d (server.maxClientChain)", len(raw), maxCerts)
+	}
+	total := 0
+	for _, c := range raw {
+		total += len(c)
+	}
+	if total > maxCerts*8<<10 {
+		return fmt.Errorf("client certificate chain is %d bytes; meshca accepts at most %d", total, maxCerts*8<<10)
+	}
+	return nil
 }
 
 func writeRoots(roots []*x509.Certificate, path string) error {

@@ -366,6 +366,10 @@ func TestReadinessWaitsForKeys(t *testing.T) {
 		code, body := m.readyz()
 		return code == http.StatusServiceUnavailable && strings.Contains(body, "jwt keys")
 	}, 20*time.Second, 50*time.Millisecond)
+	// The cause (the missing file's path) is logged, not served.
+	_, body := m.readyz()
+	require.NotContains(t, body, jwks)
+	require.Eventually(t, func() bool { return strings.Contains(readFile(t, m.logPath), jwks) }, 10*time.Second, 50*time.Millisecond)
 
 	gc, err := grpc.NewClient(m.grpcAddr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: m.roots, ServerName: "127.0.0.1"})))
 	require.NoError(t, err)

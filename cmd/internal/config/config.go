@@ -51,6 +51,24 @@ type Server struct {
 	ShutdownGrace time.Duration `yaml:"shutdownGrace"`
 	// MaxConcurrentStreams bounds concurrent requests per client connection.
 	MaxConcurrentStreams uint32 `yaml:"maxConcurrentStreams"`
+	// MaxConnections bounds open gRPC connections.
+	MaxConnections int `yaml:"maxConnections"`
+	// HandshakeTimeout bounds a connection's TLS handshake.
+	HandshakeTimeout time.Duration `yaml:"handshakeTimeout"`
+	// MaxHeaderListBytes bounds a request's header list.
+	MaxHeaderListBytes uint32 `yaml:"maxHeaderListBytes"`
+	// RequestTimeout bounds how long a stream may wait for its first
+	// message.
+	RequestTimeout time.Duration `yaml:"requestTimeout"`
+	// MaxConnectionAge and MaxConnectionAgeGrace recycle connections so
+	// that load rebalances across replicas.
+	MaxConnectionAge      time.Duration `yaml:"maxConnectionAge"`
+	MaxConnectionAgeGrace time.Duration `yaml:"maxConnectionAgeGrace"`
+	// MaxConnectionIdle closes connections without streams.
+	MaxConnectionIdle time.Duration `yaml:"maxConnectionIdle"`
+	// MaxClientChain bounds the certificates a client may send in its TLS
+	// handshake.
+	MaxClientChain int `yaml:"maxClientChain"`
 }
 
 // Authn configures how callers are authenticated.
@@ -194,7 +212,21 @@ func (c *Config) applyDefaults() {
 	defDur(&c.Server.ServingTTL, 24*time.Hour)
 	defDur(&c.Server.ShutdownGrace, 10*time.Second)
 	if c.Server.MaxConcurrentStreams == 0 {
-		c.Server.MaxConcurrentStreams = 1000
+		c.Server.MaxConcurrentStreams = 128
+	}
+	if c.Server.MaxConnections == 0 {
+		c.Server.MaxConnections = 4096
+	}
+	defDur(&c.Server.HandshakeTimeout, 5*time.Second)
+	if c.Server.MaxHeaderListBytes == 0 {
+		c.Server.MaxHeaderListBytes = 32 << 10
+	}
+	defDur(&c.Server.RequestTimeout, 10*time.Second)
+	defDur(&c.Server.MaxConnectionAge, 30*time.Minute)
+	defDur(&c.Server.MaxConnectionAgeGrace, time.Minute)
+	defDur(&c.Server.MaxConnectionIdle, 5*time.Minute)
+	if c.Server.MaxClientChain == 0 {
+		c.Server.MaxClientChain = 4
 	}
 	if c.Authn.Chain == nil {
 		c.Authn.Chain = []string{AuthClientCert, AuthTokenReview}
@@ -271,6 +303,24 @@ func (c *Config) Validate() error {
 	if c.Server.ShutdownGrace < 0 {
 		bad("server.shutdownGrace", "must not be negative")
 	}
+	if c.Server.MaxConnections < 1 {
+		bad("server.maxConnections", "must be at least 1, got %d", c.Server.MaxConnections)
+	}
+	if c.Server.MaxClientChain < 1 || c.Server.MaxClientChain > 10 {
+		bad("server.maxClientChain", "must be between 1 and 10, got %d", c.Server.MaxClientChain)
+	}
+	if c.Server.MaxHeaderListBytes < 20<<10 {
+		bad("server.maxHeaderListBytes", "must be at least 20480 (a token may be 16 KiB), got %d", c.Server.MaxHeaderListBytes)
+	}
+	for path, d := range map[string]time.Duration{
+		"server.handshakeTimeout": c.Server.HandshakeTimeout, "server.requestTimeout": c.Server.RequestTimeout,
+		"server.maxConnectionAge": c.Server.MaxConnectionAge, "server.maxConnectionAgeGrace": c.Server.MaxConnectionAgeGrace,
+		"server.maxConnectionIdle": c.Server.MaxConnectionIdle,
+	} {
+		if d < time.Second {
+			bad(path, "must be at least 1s, got %s", d)
+		}
+	}
 	if len(c.Authn.Chain) == 0 {
 		bad("authn.chain", "list at least one of clientcert, jwt, tokenreview")
 	}
@@ -302,8 +352,8 @@ func (c *Config) Validate() error {
 	if c.Authn.JWT.Skew < 0 || c.Authn.JWT.Skew > 5*time.Minute {
 		bad("authn.jwt.skew", "must be between 0 and 5m, got %s", c.Authn.JWT.Skew)
 	}
-	if c.Authn.JWT.RefetchInterval < 0 {
-		bad("authn.jwt.refetchInterval", "must not be negative")
+	if c.Authn.JWT.RefetchInterval < time.Second {
+		bad("authn.jwt.refetchInterval", "must be at least 1s (it bounds JWKS fetches that unknown key IDs cause), got %s", c.Authn.JWT.RefetchInterval)
 	}
 	if c.Authn.Cache.MaxEntries < 0 {
 		bad("authn.cache.maxEntries", "must not be negative")
