@@ -145,6 +145,14 @@ type ServiceAccountLookup interface {
 	ServiceAccountUID(namespace, name string) (uid string, found bool, err error)
 }
 
+// ServiceAccountCreation is what a ServiceAccountLookup may also tell:
+// when the service account, as it exists now, was created. The clientcert
+// authenticator uses it to refuse certificates issued to an earlier
+// account of the same name.
+type ServiceAccountCreation interface {
+	ServiceAccountCreated(namespace, name string) (created time.Time, found bool, err error)
+}
+
 // CheckServiceAccount refuses a caller whose service account no longer
 // exists, or was re-created (a different UID) since its credential was
 // issued. A nil lookup checks nothing; an empty c.ServiceAccountUID checks

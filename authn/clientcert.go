@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"time"
@@ -31,6 +32,10 @@ type ClientCertConfig struct {
 	// connection (and bundle), not one per request.
 	Verifications prometheus.Counter
 }
+
+// issueSkew is how far before its issue a leaf's NotBefore may lie: meshca
+// back-dates it 30s, and creation timestamps have whole seconds.
+const issueSkew = 31 * time.Second
 
 // maxVerified bounds the remembered chain verifications.
 const maxVerified = 4096
@@ -111,6 +116,18 @@ func (c *ClientCert) Authenticate(ctx context.Context, creds Credentials) (*Call
 	caller := &Caller{ID: id, Namespace: ns, ServiceAccount: sa, Authenticator: "clientcert", ExpiresAt: leaf.NotAfter}
 	if err := CheckServiceAccount(c.cfg.ServiceAccounts, caller); err != nil {
 		return nil, err
+	}
+	// A certificate carries no account UID: one issued before the account
+	// was (re-)created belongs to an earlier account of the same name.
+	if cl, ok := c.cfg.ServiceAccounts.(ServiceAccountCreation); ok {
+		created, found, err := cl.ServiceAccountCreated(ns, sa)
+		if err != nil {
+			return nil, fmt.Errorf("check service account: %w", err)
+		}
+		if found && created.After(leaf.NotBefore.Add(issueSkew)) {
+			return nil, Fail(ReasonServiceAccountGone, "client certificate was issued before service account %s/%s was created (at %s); authenticate with a token",
+				ns, sa, created.UTC().Format(time.RFC3339))
+		}
 	}
 	return caller, nil
 }

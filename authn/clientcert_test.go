@@ -151,3 +151,48 @@ func TestClientCertVerifiesOncePerConnection(t *testing.T) {
 	}
 	require.Equal(t, 4.0, testutil.ToFloat64(verifications), "a refused chain is not re-verified on its connection")
 }
+
+// createdTable is a lookup that also knows creation times.
+type createdTable struct {
+	saTable
+	created time.Time
+}
+
+func (c createdTable) ServiceAccountCreated(ns, name string) (time.Time, bool, error) {
+	_, ok := c.saTable[ns+"/"+name]
+	return c.created, ok, nil
+}
+
+// TestClientCertRefusesCertificatesOfAnEarlierAccount: after a service
+// account is deleted and re-created under the same name, certificates
+// issued before the re-creation no longer renew.
+func TestClientCertRefusesCertificatesOfAnEarlierAccount(t *testing.T) {
+	p := newPKI(t)
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	leaf := p.leaf(t, "spiffe://cluster.local/ns/demo/sa/web", time.Now().Add(time.Hour), x509.ExtKeyUsageClientAuth)
+	creds := authn.Credentials{PeerCertificates: []*x509.Certificate{leaf, p.inter}}
+	for _, tc := range []struct {
+		name    string
+		created time.Time
+		wantErr bool
+	}{
+		{"account older than the certificate", leaf.NotBefore.Add(-time.Hour), false},
+		{"created within the back-date of the certificate", leaf.NotBefore.Add(30 * time.Second), false},
+		{"re-created after the certificate", leaf.NotBefore.Add(2 * time.Minute), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, err := authn.NewClientCert(authn.ClientCertConfig{TrustDomain: td,
+				Roots:           func(context.Context) ([]*x509.Certificate, error) { return []*x509.Certificate{p.root}, nil },
+				ServiceAccounts: createdTable{saTable: saTable{"demo/web": "uid-2"}, created: tc.created}})
+			require.NoError(t, err)
+			_, err = a.Authenticate(t.Context(), creds)
+			if !tc.wantErr {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, authn.ErrUnauthenticated)
+			require.Equal(t, authn.ReasonServiceAccountGone, authn.ReasonOf(err))
+			require.Contains(t, err.Error(), "issued before service account demo/web was created")
+		})
+	}
+}

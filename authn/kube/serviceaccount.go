@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync/atomic"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -61,8 +62,9 @@ func stripServiceAccount(obj any) (any, error) {
 	return &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{
 		Namespace:       sa.Namespace,
 		Name:            sa.Name,
-		UID:             sa.UID,
-		ResourceVersion: sa.ResourceVersion,
+		UID:               sa.UID,
+		ResourceVersion:   sa.ResourceVersion,
+		CreationTimestamp: sa.CreationTimestamp,
 	}}, nil
 }
 
@@ -107,6 +109,23 @@ func (x *ServiceAccountIndex) ServiceAccountUID(namespace, name string) (string,
 		return "", false, fmt.Errorf("%w: look up service account: unexpected %T in index", authn.ErrUnavailable, obj)
 	}
 	return string(sa.UID), true, nil
+}
+
+// ServiceAccountCreated implements authn.ServiceAccountCreation: when the
+// service account (as it exists now) was created.
+func (x *ServiceAccountIndex) ServiceAccountCreated(namespace, name string) (time.Time, bool, error) {
+	if !x.HasSynced() {
+		return time.Time{}, false, fmt.Errorf("%w: service account index not synced yet", authn.ErrUnavailable)
+	}
+	obj, found, err := x.informer.GetStore().GetByKey(namespace + "/" + name)
+	if err != nil || !found {
+		return time.Time{}, false, err
+	}
+	sa, ok := obj.(*corev1.ServiceAccount)
+	if !ok {
+		return time.Time{}, false, fmt.Errorf("%w: look up service account: unexpected %T in index", authn.ErrUnavailable, obj)
+	}
+	return sa.CreationTimestamp.Time, true, nil
 }
 
 // checkServiceAccount refuses a caller whose service account no longer

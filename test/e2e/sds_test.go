@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshca/meshca/ca/catest"
@@ -344,3 +345,41 @@ type svidWatcher struct{ updates chan *workloadapi.X509Context }
 
 func (w *svidWatcher) OnX509ContextUpdate(x *workloadapi.X509Context) { w.updates <- x }
 func (w *svidWatcher) OnX509ContextWatchError(error)                  {}
+
+// TestClientCertOfARecreatedAccountIsRefused: a certificate issued before
+// its service account was deleted and re-created under the same name no
+// longer renews by itself; a token of the new account does.
+func TestClientCertOfARecreatedAccountIsRefused(t *testing.T) {
+	m := startMeshca(t, fmt.Sprintf("authn:\n  chain: [clientcert, jwt]\n  kubeconfig: %s\n", meshcaKubeconfig(t)))
+	ns := uniqueNS("recreated")
+	env.CreateServiceAccount(t, ns, "web")
+	tok := env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil)
+	key := catest.Key(t, "P-256")
+	csr := csrPEM(t, key, spiffeID(ns, "web"))
+	var certs []*x509.Certificate
+	require.Eventually(t, func() bool {
+		resp, err := m.client(t).CreateCertificate(withToken(t.Context(), tok), &pb.IstioCertificateRequest{Csr: csr})
+		if err == nil {
+			certs = parseCerts(t, resp.CertChain)
+		}
+		return err == nil
+	}, 20*time.Second, 100*time.Millisecond)
+	tc := &tls.Certificate{PrivateKey: key, Leaf: certs[0]}
+	for _, c := range certs[:len(certs)-1] {
+		tc.Certificate = append(tc.Certificate, c.Raw)
+	}
+	byCert := pb.NewIstioCertificateServiceClient(m.sdsConn(t, tc))
+	_, err := byCert.CreateCertificate(t.Context(), &pb.IstioCertificateRequest{Csr: csr})
+	require.NoError(t, err, "the certificate renews its own identity")
+
+	env.DeleteServiceAccount(t, ns, "web")
+	time.Sleep(2 * time.Second) // creation timestamps have whole seconds
+	env.CreateServiceAccount(t, ns, "web")
+	require.Eventually(t, func() bool {
+		_, err := byCert.CreateCertificate(t.Context(), &pb.IstioCertificateRequest{Csr: csr})
+		return status.Code(err) == codes.Unauthenticated && strings.Contains(err.Error(), "issued before service account")
+	}, 20*time.Second, 100*time.Millisecond)
+	newTok := env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil)
+	_, err = m.client(t).CreateCertificate(withToken(t.Context(), newTok), &pb.IstioCertificateRequest{Csr: csr})
+	require.NoError(t, err, "the new account's token works")
+}
