@@ -60,8 +60,8 @@ func stripServiceAccount(obj any) (any, error) {
 		return obj, nil // a DeletedFinalStateUnknown tombstone
 	}
 	return &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{
-		Namespace:       sa.Namespace,
-		Name:            sa.Name,
+		Namespace:         sa.Namespace,
+		Name:              sa.Name,
 		UID:               sa.UID,
 		ResourceVersion:   sa.ResourceVersion,
 		CreationTimestamp: sa.CreationTimestamp,
