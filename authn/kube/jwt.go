@@ -269,6 +269,31 @@ func (j *JWT) Authenticate(ctx context.Context, creds authn.Credentials) (*authn
 
 // verify checks token fully: signature, issuer, times, audience, subject.
 func (j *JWT) verify(ctx context.Context, token string) (*authn.Caller, error) {
+	c, err := j.signed(ctx, token)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkTimes(c, j.now(), j.skew); err != nil {
+		return nil, err
+	}
+	if !audienceOK(c.Audience, j.audiences) {
+		return nil, wrongAudience(j.audiences)
+	}
+	return callerFromClaims(c, jwtAuthenticator, j.td)
+}
+
+// CheckSignature checks only that token names the cluster's issuer and is
+// signed by one of its keys. TokenReview runs it before asking the
+// apiserver, so that a forged token costs a local signature check and no
+// apiserver round trip. An error wrapping authn.ErrUnavailable means it
+// could not tell (the keys are unreachable).
+func (j *JWT) CheckSignature(ctx context.Context, token string) error {
+	_, err := j.signed(ctx, token)
+	return err
+}
+
+// signed returns token's claims once its issuer and signature check out.
+func (j *JWT) signed(ctx context.Context, token string) (*claims, error) {
 	tok, unverified, err := parseToken(token)
 	if err != nil {
 		return nil, err
@@ -309,15 +334,9 @@ func (j *JWT) verify(ctx context.Context, token string) (*authn.Caller, error) {
 	case !verified:
 		return nil, authn.Fail(authn.ReasonBadSignature, "signature does not verify with key %q", h.KeyID)
 	}
-
-	if err := checkTimes(&c, j.now(), j.skew); err != nil {
-		return nil, err
-	}
-	if !audienceOK(c.Audience, j.audiences) {
-		return nil, wrongAudience(j.audiences)
-	}
-	return callerFromClaims(&c, jwtAuthenticator, j.td)
+	return &c, nil
 }
+
 
 // issuerName returns the expected issuer, discovering it if needed.
 func (j *JWT) issuerName(ctx context.Context) (string, error) {

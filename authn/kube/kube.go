@@ -28,8 +28,14 @@ const (
 type Client struct {
 	// Rest is the client configuration (for discovery and JWKS reads).
 	Rest *rest.Config
-	// Interface is the typed client.
+	// Interface is the typed client for TokenReviews, rate-limited to the
+	// configured QPS and burst.
 	Interface kubernetes.Interface
+	// Watch is a typed client with a budget of its own (5 QPS, burst 10),
+	// for the service-account list and watch, so that a flood of reviews
+	// cannot starve them (nor they the reviews). Discovery and JWKS reads
+	// build their own clients from Rest, with their own budgets too.
+	Watch kubernetes.Interface
 }
 
 // NewClient builds the client from the kubeconfig at path ("" means the
@@ -54,7 +60,13 @@ func NewClient(path string, qps float32, burst int) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kube client: %w", err)
 	}
-	return &Client{Rest: c, Interface: cs}, nil
+	wc := rest.CopyConfig(c)
+	wc.QPS, wc.Burst = 5, 10
+	watch, err := kubernetes.NewForConfig(wc)
+	if err != nil {
+		return nil, fmt.Errorf("kube watch client: %w", err)
+	}
+	return &Client{Rest: c, Interface: cs, Watch: watch}, nil
 }
 
 // Config is what New needs from the `authn` section of the configuration.
@@ -122,7 +134,11 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Authenticators, error) {
 		if client == nil {
 			return nil, fmt.Errorf("authn.checkServiceAccounts needs a kube client")
 		}
-		out.ServiceAccounts = NewServiceAccountIndex(client, deps.Log.With("component", "serviceaccounts"))
+		watch := client
+		if deps.Client.Watch != nil {
+			watch = deps.Client.Watch
+		}
+		out.ServiceAccounts = NewServiceAccountIndex(watch, deps.Log.With("component", "serviceaccounts"))
 		lookup = out.ServiceAccounts
 	}
 	var links []authn.Named
@@ -147,9 +163,22 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Authenticators, error) {
 			if client == nil {
 				return nil, fmt.Errorf("authn.chain %s: needs a kube client", name)
 			}
+			issuer := reviewIssuer(ctx, cfg.Issuer, restCfg, deps.Log)
+			// Signatures are checked locally first, against the same keys
+			// the jwt authenticator uses, so forged tokens never take
+			// review capacity from real ones.
+			sigs, serr := NewJWT(JWTConfig{
+				TrustDomain: cfg.TrustDomain, Issuer: issuer, Audiences: cfg.Audiences,
+				JWKSFile: cfg.JWKSFile, JWKSURL: cfg.JWKSURL, Kube: restCfg,
+				Skew: cfg.Skew, RefetchInterval: cfg.RefetchInterval,
+				Cache: CacheConfig{MaxTTL: -1}, Log: deps.Log.With("component", "tokenreview-signatures"), Metrics: metrics,
+			})
+			if serr != nil {
+				return nil, fmt.Errorf("authn.chain %s: signature pre-check: %w", name, serr)
+			}
 			a, err = NewTokenReview(TokenReviewConfig{
-				Client: client, TrustDomain: cfg.TrustDomain, Audiences: cfg.Audiences, Issuer: reviewIssuer(ctx, cfg.Issuer, restCfg, deps.Log),
-				Skew: cfg.Skew, MaxInFlight: cfg.MaxReviewsInFlight,
+				Client: client, TrustDomain: cfg.TrustDomain, Audiences: cfg.Audiences, Issuer: issuer,
+				Skew: cfg.Skew, MaxInFlight: cfg.MaxReviewsInFlight, Signatures: sigs,
 				Cache: cfg.Cache, ServiceAccounts: lookup, Log: deps.Log.With("component", "tokenreview"), Metrics: metrics,
 			})
 		default:

@@ -2,6 +2,8 @@ package kube
 
 import (
 	"context"
+	crand "crypto/rand"
+	"crypto/rsa"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -568,12 +570,15 @@ func TestKubeTokenReviewPrecheck(t *testing.T) {
 	otherKID := other.addKey("other", jose.ES256)
 	forger := newTestIssuer(t, env.Issuer)
 	forgedKID := forger.addKey("forged", jose.ES256)
+	forgedRSA, err := rsa.GenerateKey(crand.Reader, 2048)
+	require.NoError(t, err)
 
 	tests := []struct {
 		name     string
 		token    string
 		later    time.Duration // moves the authenticator's clock forward
 		noIssuer bool          // leave TokenReviewConfig.Issuer unset
+		sigs     bool          // check signatures locally first, as New sets it up
 		reason   string        // "" for success
 		reviewed bool          // whether a TokenReview is sent
 	}{
@@ -600,8 +605,21 @@ func TestKubeTokenReviewPrecheck(t *testing.T) {
 			reason:   authn.ReasonRejected,
 			reviewed: true,
 		},
+		{
+			name:   "forged with this cluster's issuer, signatures checked: refused locally",
+			token:  forger.sign(forgedKID, saClaims(forger.iss, ns, "workload", istioCA, time.Now(), time.Hour)),
+			sigs:   true,
+			reason: authn.ReasonUnknownKey,
+		},
+		{
+			name:   "forged with a real key ID, signatures checked: refused locally",
+			token:  signWith(t, jose.RS256, forgedRSA, realKID(t, valid), saClaims(forger.iss, ns, "workload", istioCA, time.Now(), time.Hour)),
+			sigs:   true,
+			reason: authn.ReasonBadSignature,
+		},
 		{name: "expired within skew: the apiserver decides", token: valid, later: time.Hour + 10*time.Second, reviewed: true},
 		{name: "valid", token: valid, reviewed: true},
+		{name: "valid, signatures checked", token: valid, sigs: true, reviewed: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -610,6 +628,11 @@ func TestKubeTokenReviewPrecheck(t *testing.T) {
 			cfg := TokenReviewConfig{Client: client, TrustDomain: testTD, Issuer: env.Issuer, Now: clk.Now}
 			if tt.noIssuer {
 				cfg.Issuer = ""
+			}
+			if tt.sigs {
+				sigs, err := NewJWT(JWTConfig{TrustDomain: testTD, Issuer: env.Issuer, Kube: meshcaConfig(t, env, nil), Cache: CacheConfig{MaxTTL: -1}})
+				require.NoError(t, err)
+				cfg.Signatures = sigs
 			}
 			r, err := NewTokenReview(cfg)
 			require.NoError(t, err)
@@ -637,6 +660,14 @@ func TestKubeTokenReviewPrecheck(t *testing.T) {
 		_, err = r.review(t.Context(), env.Config.BearerToken)
 		requireReason(t, err, authn.ReasonNotServiceAccount)
 	})
+}
+
+// realKID is the key ID in a token's header.
+func realKID(t *testing.T, token string) string {
+	t.Helper()
+	tok, _, err := parseToken(token)
+	require.NoError(t, err)
+	return tok.Headers[0].KeyID
 }
 
 // reviewGate holds the TokenReviews a client sends in its transport until
