@@ -337,7 +337,6 @@ func (j *JWT) signed(ctx context.Context, token string) (*claims, error) {
 	return &c, nil
 }
 
-
 // issuerName returns the expected issuer, discovering it if needed.
 func (j *JWT) issuerName(ctx context.Context) (string, error) {
 	if iss := j.Issuer(); iss != "" {
