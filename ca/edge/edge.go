@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -64,6 +65,9 @@ type Edge struct {
 	Audit *Auditor
 	// Log receives operational logs. Default: discard.
 	Log *slog.Logger
+	// Admission, if set, rate-limits peers and identities and bounds
+	// issuance in flight (see Call.Admit).
+	Admission *Admission
 }
 
 // New checks e and fills in its defaults.
@@ -88,8 +92,10 @@ func New(e Edge) (*Edge, error) {
 
 // Call is one request passing an edge. Start it on arrival; End it once.
 type Call struct {
-	edge  *Edge
-	start time.Time
+	edge     *Edge
+	start    time.Time
+	priority Priority
+	renewKey string
 	// Event is the audit line End writes; handlers add what they learn.
 	Event AuditEvent
 }
@@ -118,6 +124,17 @@ func (e *Edge) StartFor(caller *authn.Caller, peer string) *Call {
 func (c *Call) Authenticate(ctx context.Context) (*authn.Caller, error) {
 	creds, peerAddr, err := authn.FromIncoming(ctx)
 	c.Event.Peer = peerAddr
+	if creds.Token == "" && len(creds.PeerCertificates) > 0 {
+		// Only a workload that holds a certificate renews with it.
+		c.priority = PriorityRenewal
+	}
+	if a := c.edge.Admission; a != nil {
+		// Before any work on the credentials: a flood from one address is
+		// refused for the price of a map lookup.
+		if err := a.Peer(hostOf(peerAddr), c.priority); err != nil {
+			return nil, err
+		}
+	}
 	if err != nil {
 		c.Event.Reason = authn.ReasonMalformed
 		c.edge.Metrics.AuthnFailures.WithLabelValues("none", c.Event.Reason).Inc()
@@ -142,8 +159,34 @@ func (c *Call) Authenticate(ctx context.Context) (*authn.Caller, error) {
 	return caller, nil
 }
 
+// Admit applies admission control to an authenticated caller: its
+// identity's rate, then a slot among the issuances in flight, waited for
+// in priority order. A caller that was issued a certificate recently (by
+// pod, else by identity and address) is renewing. release must be called
+// once the issuance is done; it is a no-op without Admission.
+func (c *Call) Admit(ctx context.Context, caller *authn.Caller) (release func(), err error) {
+	a := c.edge.Admission
+	if a == nil {
+		return func() {}, nil
+	}
+	c.renewKey = caller.PodUID
+	if c.renewKey == "" {
+		c.renewKey = caller.ID.String() + "|" + hostOf(c.Event.Peer)
+	}
+	if a.recent(c.renewKey) {
+		c.priority = PriorityRenewal
+	}
+	if err := a.Identity(caller.ID.String(), c.priority); err != nil {
+		return nil, err
+	}
+	return a.Acquire(ctx, c.priority)
+}
+
 // Issued records the leaf in the audit event.
 func (c *Call) Issued(is *ca.Issued) {
+	if a := c.edge.Admission; a != nil && c.renewKey != "" {
+		a.note(c.renewKey, is.NotAfter)
+	}
 	c.Event.Serial = is.Serial.Text(16)
 	c.Event.NotBefore, c.Event.NotAfter = is.NotBefore, is.NotAfter
 	c.Event.KeyType, c.Event.SigningCA = is.KeyType, is.SignedBy
@@ -175,12 +218,21 @@ func (c *Call) End(err error) error {
 	return err
 }
 
+// hostOf is the host part of a peer address.
+func hostOf(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
+}
+
 // Audit reasons that are not an authentication or CSR reason.
 const (
 	ReasonIdentityMismatch   = "identity_mismatch"
 	ReasonBadRequest         = "bad_request"
 	ReasonBackendUnavailable = "backend_unavailable"
 	ReasonInternal           = "internal"
+	ReasonShed               = "shed"
 )
 
 // Reason names why err refused a request, for audit lines: an
@@ -199,6 +251,8 @@ func Reason(err error) string {
 		return ReasonBadRequest
 	case errors.Is(err, ca.ErrBackendUnavailable):
 		return ReasonBackendUnavailable
+	case errors.Is(err, ErrShed):
+		return ReasonShed
 	default:
 		return ReasonInternal
 	}
@@ -215,6 +269,10 @@ func Status(err error) *status.Status {
 		return status.New(codes.DeadlineExceeded, "deadline exceeded while issuing")
 	case errors.Is(err, context.Canceled):
 		return status.New(codes.Canceled, "request canceled")
+	case errors.As(err, new(*ShedError)):
+		var se *ShedError
+		errors.As(err, &se)
+		return shedStatus(se)
 	case errors.Is(err, authn.ErrUnavailable):
 		// The detail (hosts, paths, apiserver messages) goes to the log.
 		return status.New(codes.Unavailable, "cannot authenticate now (the token authority is unreachable); retry later")

@@ -80,6 +80,11 @@ func (s *Service) create(ctx context.Context, call *edge.Call, req *pb.IstioCert
 	if err != nil {
 		return nil, err
 	}
+	release, err := call.Admit(ctx, caller)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	if v := req.GetValidityDuration(); v < 0 {
 		return nil, fmt.Errorf("%w: validity_duration is %d seconds; want 0 (policy default) or a positive number", ca.ErrBadRequest, v)
 	}

@@ -233,9 +233,15 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		s.auditFile, audit = f, f
 	}
 	edgeMetrics, auditor := edge.NewMetrics(s.reg), edge.NewAuditor(audit)
+	admission := edge.NewAdmission(edge.AdmissionConfig{
+		PeerRate: cfg.Admission.PeerRate, PeerBurst: cfg.Admission.PeerBurst,
+		IdentityRate: cfg.Admission.IdentityRate, IdentityBurst: cfg.Admission.IdentityBurst,
+		MaxInFlight: cfg.Admission.MaxInFlight, Queue: cfg.Admission.Queue, QueueWait: cfg.Admission.QueueWait,
+		Metrics: edge.NewAdmissionMetrics(s.reg),
+	})
 	istioEdge, err := edge.New(edge.Edge{
 		Service: service.ServiceLabel, Authenticator: s.authn.Chain, Metrics: edgeMetrics,
-		Audit: auditor, Log: log.With("component", "service"),
+		Audit: auditor, Log: log.With("component", "service"), Admission: admission,
 	})
 	if err != nil {
 		return nil, err

@@ -30,6 +30,7 @@ type Config struct {
 	Backend     backends.Config `yaml:"backend"`
 	Policy      Policy          `yaml:"policy"`
 	SDS         SDS             `yaml:"sds"`
+	Admission   Admission       `yaml:"admission"`
 	Audit       Audit           `yaml:"audit"`
 	Log         Log             `yaml:"log"`
 	Dev         Dev             `yaml:"dev"`
@@ -155,6 +156,21 @@ type SDS struct {
 	RecheckInterval time.Duration `yaml:"recheckInterval"`
 }
 
+// Admission configures admission control of CreateCertificate.
+type Admission struct {
+	// PeerRate and PeerBurst bound requests per client address.
+	PeerRate  float64 `yaml:"peerRate"`
+	PeerBurst int     `yaml:"peerBurst"`
+	// IdentityRate and IdentityBurst bound requests per identity.
+	IdentityRate  float64 `yaml:"identityRate"`
+	IdentityBurst int     `yaml:"identityBurst"`
+	// MaxInFlight bounds issuances at once (0: 4 × CPUs); Queue bounds
+	// those waiting, QueueWait how long each may wait.
+	MaxInFlight int           `yaml:"maxInFlight"`
+	Queue       int           `yaml:"queue"`
+	QueueWait   time.Duration `yaml:"queueWait"`
+}
+
 // Audit configures the audit trail.
 type Audit struct {
 	// File receives one JSON line per request, appended; "" means stdout.
@@ -266,6 +282,22 @@ func (c *Config) applyDefaults() {
 	if c.SDS.RenewWorkers == 0 {
 		c.SDS.RenewWorkers = 1
 	}
+	if c.Admission.PeerRate == 0 {
+		c.Admission.PeerRate = 500
+	}
+	if c.Admission.PeerBurst == 0 {
+		c.Admission.PeerBurst = 1000
+	}
+	if c.Admission.IdentityRate == 0 {
+		c.Admission.IdentityRate = 200
+	}
+	if c.Admission.IdentityBurst == 0 {
+		c.Admission.IdentityBurst = 1000
+	}
+	if c.Admission.Queue == 0 {
+		c.Admission.Queue = 512
+	}
+	defDur(&c.Admission.QueueWait, time.Second)
 	defDur(&c.SDS.BundleAckTimeout, 5*time.Second)
 	defDur(&c.SDS.ReissueSpread, 10*time.Second)
 	defDur(&c.SDS.RecheckInterval, 30*time.Second)
@@ -368,6 +400,15 @@ func (c *Config) Validate() error {
 		if n < 1 {
 			bad(path, "must be at least 1, got %d", n)
 		}
+	}
+	if !(c.Admission.PeerRate > 0) || !(c.Admission.IdentityRate > 0) || math.IsInf(c.Admission.PeerRate, 0) || math.IsInf(c.Admission.IdentityRate, 0) {
+		bad("admission", "peerRate and identityRate must be positive numbers")
+	}
+	if c.Admission.PeerBurst < 1 || c.Admission.IdentityBurst < 1 || c.Admission.Queue < 1 || c.Admission.MaxInFlight < 0 {
+		bad("admission", "peerBurst, identityBurst and queue must be at least 1, maxInFlight not negative")
+	}
+	if c.Admission.QueueWait < time.Millisecond || c.Admission.QueueWait > time.Minute {
+		bad("admission.queueWait", "must be between 1ms and 1m, got %s", c.Admission.QueueWait)
 	}
 	if c.SDS.BundleAckTimeout < 0 || c.SDS.BundleAckTimeout > time.Minute {
 		bad("sds.bundleAckTimeout", "must be between 0 and 1m, got %s", c.SDS.BundleAckTimeout)

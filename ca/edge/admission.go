@@ -1,0 +1,341 @@
+package edge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+	"golang.org/x/time/rate"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// AdmissionConfig configures admission control: who may ask how often,
+// and how much issuance runs at once. The rates are enforced only while
+// every issuance slot is taken.
+type AdmissionConfig struct {
+	// PeerRate and PeerBurst bound requests per client address, before
+	// authentication. Defaults 500/s and 1000 (SPIRE caps 500/s per IP).
+	PeerRate  float64
+	PeerBurst int
+	// IdentityRate and IdentityBurst bound requests per authenticated
+	// identity (a service account's replicas share it). Defaults 200/s and
+	// 1000.
+	IdentityRate  float64
+	IdentityBurst int
+	// MaxInFlight bounds issuances running at once; Queue bounds those
+	// waiting for a slot, and QueueWait how long one waits. Defaults
+	// 4 × GOMAXPROCS, 512 and 1s.
+	MaxInFlight int
+	Queue       int
+	QueueWait   time.Duration
+	// MaxKeys bounds the per-peer and per-identity limiters remembered.
+	// Default 100,000.
+	MaxKeys int
+	// Metrics counts what is shed. Default: unregistered.
+	Metrics *AdmissionMetrics
+}
+
+// AdmissionMetrics are admission control's metrics.
+type AdmissionMetrics struct {
+	// Shed counts refused requests by reason (peer_rate, identity_rate,
+	// overload) and priority (first, renewal).
+	Shed *prometheus.CounterVec
+	// Queued is the time a request waited for an issuance slot.
+	Queued prometheus.Histogram
+}
+
+// NewAdmissionMetrics creates the metrics on reg (nil: unregistered).
+func NewAdmissionMetrics(reg prometheus.Registerer) *AdmissionMetrics {
+	f := promauto.With(reg)
+	return &AdmissionMetrics{
+		Shed: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_admission_shed_total",
+			Help: "Certificate requests refused with ResourceExhausted, by reason (peer_rate, identity_rate, overload) and priority (first, renewal).",
+		}, []string{"reason", "priority"}),
+		Queued: f.NewHistogram(prometheus.HistogramOpts{
+			Name:    "meshca_admission_queue_seconds",
+			Help:    "Time certificate requests waited for an issuance slot.",
+			Buckets: []float64{.0001, .0005, .001, .005, .01, .025, .05, .1, .25, .5, 1},
+		}),
+	}
+}
+
+// Priority orders requests under overload.
+type Priority int
+
+// Priorities. A pod's first certificate comes before renewals: a renewing
+// proxy still holds a valid certificate and can wait.
+const (
+	PriorityFirst Priority = iota
+	PriorityRenewal
+)
+
+func (p Priority) String() string {
+	if p == PriorityRenewal {
+		return "renewal"
+	}
+	return "first"
+}
+
+// ErrShed is wrapped by admission refusals. Status maps it to
+// ResourceExhausted with a retry hint.
+var ErrShed = errors.New("shed")
+
+// ShedError is a refusal with the time after which a retry may succeed.
+type ShedError struct {
+	Reason     string
+	RetryAfter time.Duration
+}
+
+func (e *ShedError) Error() string {
+	switch e.Reason {
+	case "peer_rate":
+		return fmt.Sprintf("too many requests from this address; retry after %s", e.RetryAfter.Round(time.Millisecond))
+	case "identity_rate":
+		return fmt.Sprintf("too many requests for this identity; retry after %s", e.RetryAfter.Round(time.Millisecond))
+	}
+	return fmt.Sprintf("meshca is at capacity; retry after %s", e.RetryAfter.Round(time.Millisecond))
+}
+
+// Unwrap makes a *ShedError match ErrShed.
+func (e *ShedError) Unwrap() error { return ErrShed }
+
+// shedStatus is the status of a refusal: ResourceExhausted with a
+// RetryInfo detail.
+func shedStatus(e *ShedError) *status.Status {
+	st := status.New(codes.ResourceExhausted, e.Error())
+	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(e.RetryAfter)}); err == nil {
+		return d
+	}
+	return st
+}
+
+// Admission decides whether a request may go on. It is safe for
+// concurrent use.
+type Admission struct {
+	cfg      AdmissionConfig
+	peers    *limiters
+	ids      *limiters
+	mu       sync.Mutex
+	inFlight int
+	// waiting holds, per priority, the requests queued for a slot.
+	waiting [2][]chan struct{}
+
+	// issued remembers, by pod (or identity and address), until when the
+	// last certificate issued to it is valid: a request from it before
+	// then is a renewal.
+	issuedMu sync.Mutex
+	issued   map[string]time.Time
+}
+
+// NewAdmission returns an Admission with cfg's defaults filled in.
+func NewAdmission(cfg AdmissionConfig) *Admission {
+	if cfg.PeerRate <= 0 {
+		cfg.PeerRate = 500
+	}
+	if cfg.PeerBurst <= 0 {
+		cfg.PeerBurst = 1000
+	}
+	if cfg.IdentityRate <= 0 {
+		cfg.IdentityRate = 200
+	}
+	if cfg.IdentityBurst <= 0 {
+		cfg.IdentityBurst = 1000
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 4 * runtime.GOMAXPROCS(0)
+	}
+	if cfg.Queue <= 0 {
+		cfg.Queue = 512
+	}
+	if cfg.QueueWait <= 0 {
+		cfg.QueueWait = time.Second
+	}
+	if cfg.MaxKeys <= 0 {
+		cfg.MaxKeys = 100_000
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewAdmissionMetrics(nil)
+	}
+	return &Admission{cfg: cfg,
+		peers:  newLimiters(rate.Limit(cfg.PeerRate), cfg.PeerBurst, cfg.MaxKeys),
+		ids:    newLimiters(rate.Limit(cfg.IdentityRate), cfg.IdentityBurst, cfg.MaxKeys),
+		issued: map[string]time.Time{}}
+}
+
+// recent reports whether key holds a certificate it was issued.
+func (a *Admission) recent(key string) bool {
+	a.issuedMu.Lock()
+	defer a.issuedMu.Unlock()
+	until, ok := a.issued[key]
+	return ok && time.Now().Before(until)
+}
+
+// note records that key was issued a certificate valid until until.
+func (a *Admission) note(key string, until time.Time) {
+	a.issuedMu.Lock()
+	defer a.issuedMu.Unlock()
+	if _, ok := a.issued[key]; !ok && len(a.issued) >= a.cfg.MaxKeys {
+		now := time.Now()
+		for k, u := range a.issued {
+			if !now.Before(u) {
+				delete(a.issued, k)
+			}
+		}
+		if len(a.issued) >= a.cfg.MaxKeys {
+			a.issued = map[string]time.Time{}
+		}
+	}
+	a.issued[key] = until
+}
+
+// busy reports whether every issuance slot is taken. Rate limits apply
+// only then: an idle meshca never refuses work it can do, and under load
+// the peers and identities beyond their rate are the ones shed.
+func (a *Admission) busy() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.inFlight >= a.cfg.MaxInFlight
+}
+
+// Peer admits one request from addr (host part of the peer address).
+func (a *Admission) Peer(addr string, p Priority) error {
+	if ok, wait := a.peers.allow(addr); !ok && a.busy() {
+		a.cfg.Metrics.Shed.WithLabelValues("peer_rate", p.String()).Inc()
+		return &ShedError{Reason: "peer_rate", RetryAfter: wait}
+	}
+	return nil
+}
+
+// Identity admits one request for an authenticated identity.
+func (a *Admission) Identity(id string, p Priority) error {
+	if ok, wait := a.ids.allow(id); !ok && a.busy() {
+		a.cfg.Metrics.Shed.WithLabelValues("identity_rate", p.String()).Inc()
+		return &ShedError{Reason: "identity_rate", RetryAfter: wait}
+	}
+	return nil
+}
+
+// Acquire waits for an issuance slot and returns its release. When the
+// queue is full or the wait runs out it refuses: renewals first, since
+// they may only use half the queue, and first certificates are served
+// before them when a slot frees.
+func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), err error) {
+	a.mu.Lock()
+	if a.inFlight < a.cfg.MaxInFlight && len(a.waiting[PriorityFirst]) == 0 && (p == PriorityFirst || len(a.waiting[PriorityRenewal]) == 0) {
+		a.inFlight++
+		a.mu.Unlock()
+		return a.release, nil
+	}
+	queued := len(a.waiting[PriorityFirst]) + len(a.waiting[PriorityRenewal])
+	limit := a.cfg.Queue
+	if p == PriorityRenewal {
+		limit /= 2
+	}
+	if queued >= limit {
+		a.mu.Unlock()
+		return nil, a.overload(p)
+	}
+	ch := make(chan struct{})
+	a.waiting[p] = append(a.waiting[p], ch)
+	a.mu.Unlock()
+
+	start := time.Now()
+	t := time.NewTimer(a.cfg.QueueWait)
+	defer t.Stop()
+	select {
+	case <-ch:
+		a.cfg.Metrics.Queued.Observe(time.Since(start).Seconds())
+		return a.release, nil
+	case <-t.C:
+		err = a.overload(p)
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for i, w := range a.waiting[p] {
+		if w == ch {
+			a.waiting[p] = append(a.waiting[p][:i], a.waiting[p][i+1:]...)
+			return nil, err
+		}
+	}
+	// Handed a slot just as it gave up: pass it on.
+	a.handOffLocked()
+	return nil, err
+}
+
+func (a *Admission) overload(p Priority) error {
+	a.cfg.Metrics.Shed.WithLabelValues("overload", p.String()).Inc()
+	return &ShedError{Reason: "overload", RetryAfter: a.cfg.QueueWait}
+}
+
+func (a *Admission) release() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.handOffLocked()
+}
+
+// handOffLocked gives a freed slot to the first waiter, first
+// certificates before renewals, or returns it.
+func (a *Admission) handOffLocked() {
+	for _, p := range []Priority{PriorityFirst, PriorityRenewal} {
+		if len(a.waiting[p]) > 0 {
+			ch := a.waiting[p][0]
+			a.waiting[p] = a.waiting[p][1:]
+			close(ch)
+			return
+		}
+	}
+	a.inFlight--
+}
+
+// limiters is a bounded set of token buckets by key.
+type limiters struct {
+	mu    sync.Mutex
+	limit rate.Limit
+	burst int
+	max   int
+	m     map[string]*rate.Limiter
+}
+
+func newLimiters(limit rate.Limit, burst, max int) *limiters {
+	return &limiters{limit: limit, burst: burst, max: max, m: map[string]*rate.Limiter{}}
+}
+
+// allow takes a token for key, or says how long until one is due.
+func (l *limiters) allow(key string) (bool, time.Duration) {
+	now := time.Now()
+	l.mu.Lock()
+	lim, ok := l.m[key]
+	if !ok {
+		if len(l.m) >= l.max {
+			// Drop the full buckets: they hold no state worth keeping.
+			for k, v := range l.m {
+				if v.TokensAt(now) >= float64(l.burst) {
+					delete(l.m, k)
+				}
+			}
+			if len(l.m) >= l.max {
+				l.m = map[string]*rate.Limiter{}
+			}
+		}
+		lim = rate.NewLimiter(l.limit, l.burst)
+		l.m[key] = lim
+	}
+	l.mu.Unlock()
+	r := lim.ReserveN(now, 1)
+	if d := r.DelayFrom(now); d > 0 {
+		r.CancelAt(now)
+		return false, d
+	}
+	return true, 0
+}

@@ -1,0 +1,127 @@
+package edge
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+)
+
+// TestAdmissionServesFirstCertificatesBeforeRenewals: with every slot
+// taken, a freed slot goes to a waiting first certificate before a
+// renewal that waited longer.
+func TestAdmissionServesFirstCertificatesBeforeRenewals(t *testing.T) {
+	a := NewAdmission(AdmissionConfig{MaxInFlight: 1, Queue: 8, QueueWait: 10 * time.Second})
+	ctx := t.Context()
+	release, err := a.Acquire(ctx, PriorityFirst)
+	require.NoError(t, err)
+	order := make(chan Priority, 2)
+	waitQueued := func(n int) {
+		require.Eventually(t, func() bool {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			return len(a.waiting[PriorityFirst])+len(a.waiting[PriorityRenewal]) == n
+		}, 5*time.Second, time.Millisecond)
+	}
+	for i, p := range []Priority{PriorityRenewal, PriorityFirst} {
+		go func() {
+			r, err := a.Acquire(ctx, p)
+			if err == nil {
+				order <- p
+				r()
+			}
+		}()
+		waitQueued(i + 1)
+	}
+	release()
+	require.Equal(t, PriorityFirst, <-order)
+	require.Equal(t, PriorityRenewal, <-order)
+}
+
+// TestAdmissionShedsRenewalsFirst: renewals may fill only half the queue;
+// first certificates the rest. A full queue, or a wait past QueueWait, is
+// ResourceExhausted with a retry hint, and counted.
+func TestAdmissionShedsRenewalsFirst(t *testing.T) {
+	m := NewAdmissionMetrics(nil)
+	a := NewAdmission(AdmissionConfig{MaxInFlight: 1, Queue: 2, QueueWait: 200 * time.Millisecond, Metrics: m})
+	ctx := t.Context()
+	release, err := a.Acquire(ctx, PriorityFirst)
+	require.NoError(t, err)
+	defer release()
+	done := make(chan error, 2)
+	go func() { _, err := a.Acquire(ctx, PriorityRenewal); done <- err }()
+	require.Eventually(t, func() bool { a.mu.Lock(); defer a.mu.Unlock(); return len(a.waiting[PriorityRenewal]) == 1 }, 5*time.Second, time.Millisecond)
+	_, err = a.Acquire(ctx, PriorityRenewal)
+	var se *ShedError
+	require.ErrorAs(t, err, &se, "a second renewal finds its half of the queue full")
+	require.Equal(t, "overload", se.Reason)
+	go func() { _, err := a.Acquire(ctx, PriorityFirst); done <- err }()
+	for range 2 {
+		err := <-done
+		require.ErrorIs(t, err, ErrShed, "the waits ran out")
+	}
+	require.Equal(t, 2.0, testutil.ToFloat64(m.Shed.WithLabelValues("overload", "renewal")))
+	require.Equal(t, 1.0, testutil.ToFloat64(m.Shed.WithLabelValues("overload", "first")))
+
+	st := Status(err)
+	require.Equal(t, codes.ResourceExhausted, st.Code())
+	require.Contains(t, st.Message(), "retry after")
+	var hint *errdetails.RetryInfo
+	for _, d := range st.Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok {
+			hint = ri
+		}
+	}
+	require.NotNil(t, hint, "the status carries a RetryInfo")
+	require.Equal(t, 200*time.Millisecond, hint.RetryDelay.AsDuration())
+	require.Equal(t, ReasonShed, Reason(err))
+}
+
+// TestAdmissionRatesApplyUnderLoad: a peer or identity beyond its rate is
+// refused only while every slot is taken.
+func TestAdmissionRatesApplyUnderLoad(t *testing.T) {
+	a := NewAdmission(AdmissionConfig{MaxInFlight: 1, PeerRate: 1, PeerBurst: 2, IdentityRate: 1, IdentityBurst: 2})
+	for range 10 {
+		require.NoError(t, a.Peer("10.0.0.1", PriorityFirst), "idle: no refusal")
+		require.NoError(t, a.Identity("spiffe://cluster.local/ns/a/sa/b", PriorityFirst))
+	}
+	release, err := a.Acquire(t.Context(), PriorityFirst)
+	require.NoError(t, err)
+	defer release()
+	err = a.Peer("10.0.0.1", PriorityFirst)
+	var se *ShedError
+	require.ErrorAs(t, err, &se)
+	require.Equal(t, "peer_rate", se.Reason)
+	require.Positive(t, se.RetryAfter)
+	require.NoError(t, a.Peer("10.0.0.2", PriorityFirst), "another peer has its own bucket")
+	err = a.Identity("spiffe://cluster.local/ns/a/sa/b", PriorityRenewal)
+	require.ErrorAs(t, err, &se)
+	require.Equal(t, "identity_rate", se.Reason)
+	require.NoError(t, a.Identity("spiffe://cluster.local/ns/a/sa/c", PriorityRenewal))
+}
+
+// TestAdmissionWaiterThatGivesUpFreesNothing: a cancelled waiter leaves
+// the queue, and slots are neither lost nor duplicated.
+func TestAdmissionWaiterThatGivesUpFreesNothing(t *testing.T) {
+	a := NewAdmission(AdmissionConfig{MaxInFlight: 1, Queue: 4, QueueWait: 10 * time.Second})
+	release, err := a.Acquire(t.Context(), PriorityFirst)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(t.Context())
+	errc := make(chan error, 1)
+	go func() { _, err := a.Acquire(ctx, PriorityFirst); errc <- err }()
+	require.Eventually(t, func() bool { a.mu.Lock(); defer a.mu.Unlock(); return len(a.waiting[PriorityFirst]) == 1 }, 5*time.Second, time.Millisecond)
+	cancel()
+	require.True(t, errors.Is(<-errc, context.Canceled))
+	release()
+	a.mu.Lock()
+	require.Zero(t, a.inFlight)
+	a.mu.Unlock()
+	r, err := a.Acquire(t.Context(), PriorityRenewal)
+	require.NoError(t, err)
+	r()
+}
