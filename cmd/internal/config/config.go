@@ -283,16 +283,16 @@ func (c *Config) applyDefaults() {
 		c.SDS.RenewWorkers = 1
 	}
 	if c.Admission.PeerRate == 0 {
-		c.Admission.PeerRate = 500
+		c.Admission.PeerRate = 10000
 	}
 	if c.Admission.PeerBurst == 0 {
-		c.Admission.PeerBurst = 1000
+		c.Admission.PeerBurst = 20000
 	}
 	if c.Admission.IdentityRate == 0 {
-		c.Admission.IdentityRate = 200
+		c.Admission.IdentityRate = 5000
 	}
 	if c.Admission.IdentityBurst == 0 {
-		c.Admission.IdentityBurst = 1000
+		c.Admission.IdentityBurst = 10000
 	}
 	if c.Admission.Queue == 0 {
 		c.Admission.Queue = 512
