@@ -42,25 +42,7 @@ func devTokenCmd(args []string, stdout, stderr io.Writer) error {
 // configuration that is not in dev mode: a production meshca verifies
 // tokens from the cluster, and nothing should pretend to mint those.
 func mintDevToken(cfgPath, ns, sa, pod string, ttl time.Duration) (string, error) {
-	var (
-		cfg *config.Config
-		err error
-	)
-	if cfgPath == "" {
-		cfg, err = config.LoadDev()
-	} else {
-		cfg, err = config.Load(cfgPath)
-	}
-	if err != nil {
-		return "", err
-	}
-	if !cfg.Dev.Enabled {
-		return "", errors.New("refusing: this configuration is not in dev mode (dev.enabled is false); dev-token only mints tokens for `meshca serve --dev`")
-	}
-	key, err := devkey.Load(cfg.Dev.Dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return "", fmt.Errorf("no development key in %s: start `meshca serve --dev` (make run) first, from the same directory", cfg.Dev.Dir)
-	}
+	cfg, key, err := loadDevKey(cfgPath)
 	if err != nil {
 		return "", err
 	}
@@ -68,4 +50,34 @@ func mintDevToken(cfgPath, ns, sa, pod string, ttl time.Duration) (string, error
 		Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,
 		Namespace: ns, ServiceAccount: sa, PodName: pod, TTL: ttl,
 	})
+}
+
+// loadDevKey loads the meshca configuration at cfgPath ("" = embedded dev
+// config) and its development key, for callers that mint many tokens. It
+// refuses a configuration that is not in dev mode.
+func loadDevKey(cfgPath string) (*config.Config, *devkey.Key, error) {
+	cfg, err := loadMeshcaConfig(cfgPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !cfg.Dev.Enabled {
+		return nil, nil, errors.New("refusing: this configuration is not in dev mode (dev.enabled is false); dev-token only mints tokens for `meshca serve --dev`")
+	}
+	key, err := devkey.Load(cfg.Dev.Dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, fmt.Errorf("no development key in %s: start `meshca serve --dev` (make run) first, from the same directory", cfg.Dev.Dir)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	return cfg, key, nil
+}
+
+// loadMeshcaConfig loads the meshca configuration at cfgPath, or the
+// embedded dev configuration when cfgPath is "".
+func loadMeshcaConfig(cfgPath string) (*config.Config, error) {
+	if cfgPath == "" {
+		return config.LoadDev()
+	}
+	return config.Load(cfgPath)
 }
