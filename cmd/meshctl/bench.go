@@ -187,8 +187,7 @@ func pct(sorted []time.Duration, q float64) string {
 	if len(sorted) == 0 {
 		return "-"
 	}
-	d := sorted[min(int(float64(len(sorted))*q), len(sorted)-1)]
-	return fmt.Sprintf("%.2f ms", float64(d.Microseconds())/1000)
+	return millis(quantile(sorted, q))
 }
 
 type serverStats struct{ cpu, rss, ok float64 }

@@ -5,6 +5,7 @@
 //	meshctl bench                       load-test a running meshca
 //	meshctl svid --socket PATH          fetch an SVID from meshca agent's Workload API
 //	meshctl proxies                     list the proxies on meshca's SDS, soonest expiry first
+//	meshctl bench-sds                   hold 10,000 SDS streams on a running dev meshca
 package main
 
 import (
@@ -35,7 +36,9 @@ const usage = `usage:
   meshctl issue [--addr HOST:PORT] [--ca-cert FILE] --token TOKEN|@FILE [--ttl 1h] [--key ecdsa|rsa] [--out DIR]
   meshctl bench [--addr HOST:PORT] [--ca-cert FILE] [--concurrency 1,8,64] [--duration 10s] [--metrics URL]
   meshctl svid [--socket PATH] [--out DIR]
-  meshctl proxies [--admin URL] [--json]`
+  meshctl proxies [--admin URL] [--json]
+  meshctl bench-sds [--config FILE] [--addr HOST:PORT] [--ca-cert FILE] [--conns 100] [--streams-per-conn 100] [--admin URL] [--profile DIR]
+  meshctl bench-sds --config FILE --init-ca`
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -53,6 +56,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return svidCmd(ctx, args[1:], stdout, stderr)
 	case "proxies":
 		return proxiesCmd(ctx, args[1:], stdout, stderr)
+	case "bench-sds":
+		return benchSDSCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprintln(stdout, usage)
 		return nil

@@ -22,6 +22,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/meshca/meshca/backends/plugged"
 	"github.com/meshca/meshca/sds"
 )
 
@@ -97,6 +98,9 @@ func TestRunRefusesBadFlags(t *testing.T) {
 		{name: "issue: unknown flag", args: []string{"issue", "--no-such-flag"}, want: "no-such-flag"},
 		{name: "dev-token: unknown flag", args: []string{"dev-token", "--no-such-flag"}, want: "no-such-flag"},
 		{name: "bench: unknown flag", args: []string{"bench", "--no-such-flag"}, want: "no-such-flag"},
+		{name: "bench-sds: unknown flag", args: []string{"bench-sds", "--no-such-flag"}, want: "no-such-flag"},
+		{name: "bench-sds: no connections", args: []string{"bench-sds", "--conns", "0"}, want: "--conns"},
+		{name: "bench-sds: positional argument", args: []string{"bench-sds", "stray"}, want: "stray"},
 		{name: "dev-token: no --sa", args: []string{"dev-token", "--ns", "demo"}, want: "--sa"},
 		{name: "dev-token: negative ttl", args: []string{"dev-token", "--ns", "demo", "--sa", "web", "--ttl", "-1h"}, want: "--ttl"},
 		{name: "issue: no token", args: []string{"issue"}, want: "--token"},
@@ -180,4 +184,31 @@ func TestProxiesPrintsTheAdminListing(t *testing.T) {
 	defer bad.Close()
 	_, _, err = runMeshctl(t, "proxies", "--admin", bad.URL)
 	require.ErrorContains(t, err, "404")
+}
+
+// TestBenchSDSInitCA: --init-ca writes a CA the plugged backend loads, and
+// the rotation bench-sds makes later is a new root that the backend loads
+// too.
+func TestBenchSDSInitCA(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "cacerts")
+	cfg := writeFile(t, "meshca.yaml", "backend:\n  type: plugged\n  plugged:\n    dir: "+dir+"\n")
+	stdout, _, err := runMeshctl(t, "bench-sds", "--config", cfg, "--init-ca")
+	require.NoError(t, err)
+	require.Contains(t, stdout, dir)
+	b, err := plugged.New(plugged.Config{Dir: dir}, plugged.Deps{})
+	require.NoError(t, err)
+	first := b.Current()
+	require.NotEqual(t, first.Signing.Root(), first.Signing.Certificate(), "leaves are signed by an intermediate")
+
+	interPEM, err := writePluggedCA(dir, "rotated")
+	require.NoError(t, err)
+	b, err = plugged.New(plugged.Config{Dir: dir}, plugged.Deps{})
+	require.NoError(t, err)
+	next := b.Current()
+	require.False(t, next.Roots[0].Equal(first.Roots[0]), "a new root")
+	require.Equal(t, string(interPEM), string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: next.Signing.Certificate().Raw})))
+
+	selfSigned := writeFile(t, "meshca.yaml", "backend:\n  type: selfsigned\n")
+	_, _, err = runMeshctl(t, "bench-sds", "--config", selfSigned, "--init-ca")
+	require.ErrorContains(t, err, "plugged")
 }
