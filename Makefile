@@ -60,6 +60,10 @@ bench: build ## load-test a local meshca at concurrency 1, 8 and 64 (certs/s, la
 bench-1m: build ## issue 1,000,000 certificates at concurrency 64, then report server RSS
 	BENCH_ARGS="--concurrency 64 --requests 1000000 --warmup 1s" test/bench.sh
 
+.PHONY: bench-sds
+bench-sds: build ## hold 10,000 SDS streams: first secrets, memory per stream, bundle push, renewal storm vs new pods (PROFILE=1 for profiles)
+	test/bench-sds.sh
+
 .PHONY: bench-go
 bench-go: ## Go micro-benchmarks of the hot path (signing, token checks)
 	$(GO) test -run '^$$' -bench . -benchmem ./ca/ ./authn/...
