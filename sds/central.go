@@ -35,7 +35,12 @@ func (s *Server) firstCredential(st *stream) (*material, error) {
 		return nil, status.FromContextError(context.Cause(st.ctx)).Err()
 	}
 	defer func() { <-s.issuing }()
-	return s.issue(st.ctx, st)
+	var (
+		m   *material
+		err error
+	)
+	offload(func() { m, err = s.issue(st.ctx, st) })
+	return m, err
 }
 
 // issue generates a key of the type the caller's policy prefers and has

@@ -296,7 +296,11 @@ func (s *Server) openStream(ctx context.Context, protocol string) (*stream, erro
 	}
 	if s.mode == ModeCentral {
 		call := s.cfg.Edge.Start()
-		caller, err := call.Authenticate(ctx)
+		var (
+			caller *authn.Caller
+			err    error
+		)
+		offload(func() { caller, err = call.Authenticate(ctx) })
 		if err != nil {
 			s.open.Add(-1)
 			return nil, call.End(err)
@@ -310,6 +314,19 @@ func (s *Server) openStream(ctx context.Context, protocol string) (*stream, erro
 	s.streams[st.id] = st
 	s.mu.Unlock()
 	return st, nil
+}
+
+// offload runs fn on a goroutine of its own and waits for it. Token checks
+// and signing grow a goroutine's stack to 8-16 KiB, and Go keeps a grown
+// stack: run on the stream's long-lived goroutine, they would cost that
+// much for every open stream.
+func offload(fn func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	<-done
 }
 
 func (s *Server) closeStream(st *stream) {

@@ -14,11 +14,11 @@ rm -rf "$work" && mkdir -p "$work" && cd "$work"
 
 # The embedded dev configuration (`meshca config dev`; `serve --dev` takes
 # no other file), with a plugged CA the bench can rotate and audit lines
-# in a file, as in production. SDS keeps its defaults but one: the
-# re-issue that follows the new root is not spread (reissueSpread 1ms), so
-# that every stream's certificate comes due at the same moment, the
-# renewal storm of figure 3.
-cat >meshca.yaml <<'YAML'
+# in a file, as in production. The root change makes every stream's
+# certificate due at the same moment: the renewal storm of figure 3,
+# spread by sds.reissueSpread (SPREAD, default 10s as in production;
+# SPREAD=1ms makes the renewals simultaneous).
+cat >meshca.yaml <<YAML
 trustDomain: cluster.local
 server:
   grpcAddress: 127.0.0.1:15012
@@ -38,7 +38,7 @@ backend:
     dir: cacerts
     reloadInterval: 100ms
 sds:
-  reissueSpread: 1ms
+  reissueSpread: ${SPREAD:-10s}
 audit:
   file: audit.log
 log:

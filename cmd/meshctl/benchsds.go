@@ -629,7 +629,7 @@ func (b *sdsBench) rotateRoot(ctx context.Context, load *newPodLoad, idle []time
 	rate := float64(gotL) / max(storm.Seconds(), 1e-3)
 	b.line("re-issue", "sds.reissueSpread %s, sds.renewWorkers %d, sds.bundleAckTimeout %s", b.cfg.SDS.ReissueSpread, b.cfg.SDS.RenewWorkers, b.cfg.SDS.BundleAckTimeout)
 	if b.cfg.SDS.ReissueSpread > time.Second {
-		b.line("  note", "the re-issue is spread over %s, so this is no storm of simultaneous renewals (test/bench-sds.sh sets 1ms)", b.cfg.SDS.ReissueSpread)
+		b.line("  note", "all 10,000 certificates came due at the root change; sds.reissueSpread (the jitter) spreads them over %s (SPREAD=1ms makes them simultaneous)", b.cfg.SDS.ReissueSpread)
 	}
 	b.line("leaves under the new root", "%d of %d: first at +%s, all at +%s after the CA file swap", gotL, n, secs(firstL.Sub(swap)), secs(lastL.Sub(swap)))
 	b.line("renewal storm", "%d certificates in %s (first to last received): %.0f renewals/s", gotL, secs(storm), rate)
