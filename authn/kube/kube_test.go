@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/peer"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -718,6 +720,47 @@ func (g *reviewGate) counts() (sent, inFlight, maxFlight int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.sent, g.inFlight, g.maxFlight
+}
+
+// TestKubeTokenReviewFairShare: one address cannot take more than its
+// share of the review capacity; others' reviews still go through.
+func TestKubeTokenReviewFairShare(t *testing.T) {
+	env := kubeEnv(t)
+	cfg := meshcaConfig(t, env, nil)
+	gate := newReviewGate(t)
+	cfg.Wrap(gate.wrap)
+	client, err := kubernetes.NewForConfig(cfg)
+	require.NoError(t, err)
+	r, err := NewTokenReview(TokenReviewConfig{Client: client, TrustDomain: testTD, Issuer: env.Issuer, MaxInFlight: 8, MaxPerPeer: 2})
+	require.NoError(t, err)
+	ns := uniqueName("authn-fair")
+	env.CreateServiceAccount(t, ns, "workload")
+	from := func(ip string) context.Context {
+		return peer.NewContext(t.Context(), &peer.Peer{Addr: &net.TCPAddr{IP: net.ParseIP(ip), Port: 4000}})
+	}
+	sent := func() int { n, _, _ := gate.counts(); return n }
+	var wg sync.WaitGroup
+	for range 2 {
+		tok := env.Token(t, ns, "workload", istioCA, time.Hour, nil)
+		wg.Go(func() {
+			_, err := r.Authenticate(from("10.0.0.1"), authn.Credentials{Token: tok})
+			assert.NoError(t, err)
+		})
+	}
+	require.Eventually(t, func() bool { return sent() == 2 }, 10*time.Second, time.Millisecond)
+	// A third review from the same address is refused at once...
+	_, err = r.Authenticate(from("10.0.0.1"), authn.Credentials{Token: env.Token(t, ns, "workload", istioCA, time.Hour, nil)})
+	require.ErrorIs(t, err, authn.ErrUnavailable)
+	require.Contains(t, err.Error(), "10.0.0.1")
+	require.Equal(t, 2, sent())
+	// ...while another address's review goes to the apiserver.
+	wg.Go(func() {
+		_, err := r.Authenticate(from("10.0.0.2"), authn.Credentials{Token: env.Token(t, ns, "workload", istioCA, time.Hour, nil)})
+		assert.NoError(t, err)
+	})
+	require.Eventually(t, func() bool { return sent() == 3 }, 10*time.Second, time.Millisecond)
+	gate.open()
+	wg.Wait()
 }
 
 // TestKubeTokenReviewMaxInFlight holds TokenReviews on the wire to check

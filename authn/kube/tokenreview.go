@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/peer"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -41,6 +44,11 @@ type TokenReviewConfig struct {
 	// that finds every slot taken waits for one while a caller waits for it.
 	// Default 32.
 	MaxInFlight int
+	// MaxPerPeer caps the reviews that callers from one address may have
+	// under way or waiting, so that one peer cannot take the capacity that
+	// others' real cache misses need; beyond it a caller gets Unavailable
+	// at once. Default MaxInFlight/4, at least 1.
+	MaxPerPeer int
 	// Cache bounds the cache of reviewed tokens.
 	Cache CacheConfig
 	// ServiceAccounts, if set, is asked on every call (cache hits included)
@@ -80,6 +88,9 @@ type TokenReview struct {
 	issuer    string
 	skew      time.Duration
 	slots     chan struct{} // a semaphore of MaxInFlight TokenReviews
+	perPeer   int
+	peersMu   sync.Mutex
+	peers     map[string]int // reviews under way or waiting, by caller address
 	now       func() time.Time
 	log       *slog.Logger
 	sas       ServiceAccountLookup
@@ -119,6 +130,9 @@ func NewTokenReview(cfg TokenReviewConfig) (*TokenReview, error) {
 	if cfg.MaxInFlight == 0 {
 		cfg.MaxInFlight = defaultMaxInFlight
 	}
+	if cfg.MaxPerPeer <= 0 {
+		cfg.MaxPerPeer = max(1, cfg.MaxInFlight/4)
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -136,6 +150,8 @@ func NewTokenReview(cfg TokenReviewConfig) (*TokenReview, error) {
 		issuer:    cfg.Issuer,
 		skew:      cfg.Skew,
 		slots:     make(chan struct{}, cfg.MaxInFlight),
+		perPeer:   cfg.MaxPerPeer,
+		peers:     map[string]int{},
 		now:       cfg.Now,
 		log:       cfg.Log.With("authenticator", tokenReviewAuthenticator),
 		sas:       cfg.ServiceAccounts,
@@ -153,12 +169,17 @@ func (r *TokenReview) Authenticate(ctx context.Context, creds authn.Credentials)
 	if len(creds.Token) > maxTokenBytes {
 		return nil, authn.Fail(authn.ReasonMalformed, "token longer than %d bytes", maxTokenBytes)
 	}
+	from := peerHost(ctx)
 	caller, err := r.cache.get(ctx, creds.Token, func(ctx context.Context) (*authn.Caller, error) {
 		// Only on a miss: a cached token passed it, and stays cached no
 		// longer than its exp.
 		if err := precheck(creds.Token, r.now(), r.skew, r.issuer, r.audiences); err != nil {
 			return nil, err
 		}
+		if !r.takePeer(from) {
+			return nil, fmt.Errorf("%w: %d token reviews already under way for %s (authn.maxReviewsInFlight/4); retry", authn.ErrUnavailable, r.perPeer, from)
+		}
+		defer r.releasePeer(from)
 		if r.sigs != nil {
 			if err := r.sigs.CheckSignature(ctx, creds.Token); err != nil && !errors.Is(err, authn.ErrUnavailable) {
 				return nil, err
@@ -234,6 +255,44 @@ func (r *TokenReview) review(ctx context.Context, token string) (*authn.Caller, 
 		ExpiresAt:         unverifiedExpiry(token),
 	}
 	return caller, nil
+}
+
+// peerHost is the host of the gRPC peer in ctx, or "" when unknown.
+func peerHost(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	if h, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
+		return h
+	}
+	return p.Addr.String()
+}
+
+// takePeer counts a review for the address from, unless it already has
+// its share. Calls with no known address (not from gRPC) are not counted.
+func (r *TokenReview) takePeer(from string) bool {
+	if from == "" {
+		return true
+	}
+	r.peersMu.Lock()
+	defer r.peersMu.Unlock()
+	if r.peers[from] >= r.perPeer {
+		return false
+	}
+	r.peers[from]++
+	return true
+}
+
+func (r *TokenReview) releasePeer(from string) {
+	if from == "" {
+		return
+	}
+	r.peersMu.Lock()
+	defer r.peersMu.Unlock()
+	if r.peers[from]--; r.peers[from] <= 0 {
+		delete(r.peers, from)
+	}
 }
 
 // acquire takes one of the MaxInFlight slots, waiting while ctx allows. ctx
