@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -382,4 +383,36 @@ func TestClientCertOfARecreatedAccountIsRefused(t *testing.T) {
 	newTok := env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil)
 	_, err = m.client(t).CreateCertificate(withToken(t.Context(), newTok), &pb.IstioCertificateRequest{Csr: csr})
 	require.NoError(t, err, "the new account's token works")
+}
+
+// TestHostileClientChainRefusedInHandshake: a client that sends a long
+// chain of made-up CA certificates (each costing a signature check) is
+// refused in the TLS handshake, before meshca verifies anything; a real
+// chain still works on the next connection.
+func TestHostileClientChainRefusedInHandshake(t *testing.T) {
+	m := startMeshca(t, fmt.Sprintf("authn:\n  chain: [clientcert, jwt]\n  kubeconfig: %s\n", meshcaKubeconfig(t)))
+	now := time.Now()
+	caKey := catest.Key(t, "P-384")
+	tc := &tls.Certificate{PrivateKey: catest.Key(t, "P-256")}
+	leafTmpl := &x509.Certificate{NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	u, err := url.Parse(spiffeID("demo", "web"))
+	require.NoError(t, err)
+	leafTmpl.URIs = []*url.URL{u}
+	fake := catest.Issue(t, catest.CATemplate("fake ca", now.Add(-time.Hour), now.Add(time.Hour)), caKey, nil, nil)
+	tc.Certificate = [][]byte{catest.Issue(t, leafTmpl, tc.PrivateKey.(crypto.Signer), fake, caKey).Raw}
+	for range 40 {
+		tc.Certificate = append(tc.Certificate, catest.Issue(t, catest.CATemplate("fake ca", now.Add(-time.Hour), now.Add(time.Hour)), caKey, nil, nil).Raw)
+	}
+	conn, err := tls.Dial("tcp", m.grpcAddr, &tls.Config{RootCAs: m.roots, ServerName: "meshca.istio-system.svc", Certificates: []tls.Certificate{*tc}, NextProtos: []string{"h2"}})
+	if err == nil {
+		// TLS 1.3: the client finishes first; the server's refusal arrives
+		// with the first read.
+		_, err = conn.Read(make([]byte, 1))
+		conn.Close()
+	}
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "bad certificate")
+	// The server is unharmed.
+	code, _ := m.readyz()
+	require.Equal(t, http.StatusOK, code)
 }
