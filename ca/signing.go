@@ -224,7 +224,7 @@ func (s *SigningCA) Chain() []*x509.Certificate { return slices.Clone(s.chain) }
 // unless its crypto.Signer does.
 func (s *SigningCA) Sign(req SignRequest) (*SignResponse, error) {
 	csr := req.CSR
-	if csr == nil || len(csr.RawSubjectPublicKeyInfo) == 0 {
+	if csr == nil || csr.PublicKey == nil {
 		return nil, fmt.Errorf("sign leaf: no CSR: %w", ErrInvalidSignRequest)
 	}
 	rsaLeaf, err := checkLeafKey(csr.PublicKey)
@@ -263,9 +263,15 @@ func (s *SigningCA) Sign(req SignRequest) (*SignResponse, error) {
 	if !req.ID.IsZero() {
 		uri = req.ID.String()
 	}
+	// The key is re-encoded, never copied: a request's own encoding may
+	// carry bytes Go's parser tolerates and other parsers refuse.
+	spki, err := x509.MarshalPKIXPublicKey(csr.PublicKey)
+	if err != nil {
+		return nil, fmt.Errorf("sign leaf: encode public key: %w: %w", err, ErrInvalidSignRequest)
+	}
 	tbs, err := s.enc.TBS(x509enc.Leaf{
 		Serial: serial, NotBefore: notBefore, NotAfter: notAfter,
-		SPKI: csr.RawSubjectPublicKeyInfo, RSA: rsaLeaf,
+		SPKI: spki, RSA: rsaLeaf,
 		URI: uri, DNSNames: req.DNSNames, IPAddresses: req.IPAddresses,
 	})
 	if err != nil {

@@ -65,6 +65,12 @@ func TestParseDefaultsAndValidation(t *testing.T) {
 		{"unknown backend", "backend:\n  type: hsm\n", []string{"backend.type"}},
 		{"bad log level", "log:\n  level: loud\n", []string{"log.level"}},
 		{"several at once", "log:\n  level: loud\n  format: xml\n", []string{"log.level", "log.format"}},
+		{"refetch interval that would let forged key IDs hammer the JWKS source", "authn:\n  jwt:\n    refetchInterval: 10ms\n", []string{"authn.jwt.refetchInterval: must be at least 1s"}},
+		{"header list too small for a token", "server:\n  maxHeaderListBytes: 1024\n", []string{"server.maxHeaderListBytes: must be at least 20480"}},
+		{"client chain limit out of range", "server:\n  maxClientChain: 50\n", []string{"server.maxClientChain: must be between 1 and 10"}},
+		{"request timeout too short", "server:\n  requestTimeout: 1ms\n", []string{"server.requestTimeout: must be at least 1s"}},
+		{"sds limits", "sds:\n  maxStreams: -1\n  recheckInterval: 1ms\n", []string{"sds.maxStreams: must be at least 1", "sds.recheckInterval: must be at least 1s"}},
+		{"admission rates", "admission:\n  peerRate: -5\n  queueWait: 2m\n", []string{"admission: peerRate and identityRate must be positive", "admission.queueWait: must be between 1ms and 1m"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
