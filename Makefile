@@ -64,6 +64,10 @@ bench-1m: build ## issue 1,000,000 certificates at concurrency 64, then report s
 bench-sds: build ## hold 10,000 SDS streams: first secrets, memory per stream, bundle push, renewal storm vs new pods (PROFILE=1 for profiles)
 	test/bench-sds.sh
 
+.PHONY: bench-admission
+bench-admission: build ## new pods' p99 idle vs during a renewal storm that saturates meshca (admission control)
+	test/bench-admission.sh
+
 .PHONY: bench-go
 bench-go: ## Go micro-benchmarks of the hot path (signing, token checks)
 	$(GO) test -run '^$$' -bench . -benchmem ./ca/ ./authn/...

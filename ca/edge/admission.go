@@ -227,9 +227,9 @@ func (a *Admission) Identity(id string, p Priority) error {
 }
 
 // Acquire waits for an issuance slot and returns its release. When the
-// queue is full or the wait runs out it refuses: renewals first, since
-// they may only use half the queue, and first certificates are served
-// before them when a slot frees.
+// queue is full or the wait runs out it refuses. Renewals are refused
+// first: they may fill only half the queue, and a freed slot goes to a
+// first certificate before them.
 func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), err error) {
 	a.mu.Lock()
 	if a.inFlight < a.cfg.MaxInFlight && len(a.waiting[PriorityFirst]) == 0 && (p == PriorityFirst || len(a.waiting[PriorityRenewal]) == 0) {

@@ -8,8 +8,11 @@ package edge
 import (
 	"context"
 	"errors"
+	"encoding/base64"
+	"encoding/json"
 	"log/slog"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -124,17 +127,6 @@ func (e *Edge) StartFor(caller *authn.Caller, peer string) *Call {
 func (c *Call) Authenticate(ctx context.Context) (*authn.Caller, error) {
 	creds, peerAddr, err := authn.FromIncoming(ctx)
 	c.Event.Peer = peerAddr
-	if creds.Token == "" && len(creds.PeerCertificates) > 0 {
-		// Only a workload that holds a certificate renews with it.
-		c.priority = PriorityRenewal
-	}
-	if a := c.edge.Admission; a != nil {
-		// Before any work on the credentials: a flood from one address is
-		// refused for the price of a map lookup.
-		if err := a.Peer(hostOf(peerAddr), c.priority); err != nil {
-			return nil, err
-		}
-	}
 	if err != nil {
 		c.Event.Reason = authn.ReasonMalformed
 		c.edge.Metrics.AuthnFailures.WithLabelValues("none", c.Event.Reason).Inc()
@@ -159,27 +151,89 @@ func (c *Call) Authenticate(ctx context.Context) (*authn.Caller, error) {
 	return caller, nil
 }
 
-// Admit applies admission control to an authenticated caller: its
-// identity's rate, then a slot among the issuances in flight, waited for
-// in priority order. A caller that was issued a certificate recently (by
-// pod, else by identity and address) is renewing. release must be called
-// once the issuance is done; it is a no-op without Admission.
-func (c *Call) Admit(ctx context.Context, caller *authn.Caller) (release func(), err error) {
+// Admit applies admission control before any work on the request: a
+// slot among the issuances in flight, waited for in priority order, so
+// that token checks and signing for a pod's first certificate go before
+// renewals. A call that renews is one with only a client certificate, or
+// whose credential names a pod (else an identity at an address) that
+// holds an unexpired certificate from this meshca; the token is read
+// without verifying it, which only decides the order. release must be
+// called when the request is done; without Admission it does nothing.
+func (c *Call) Admit(ctx context.Context) (release func(), err error) {
 	a := c.edge.Admission
 	if a == nil {
 		return func() {}, nil
 	}
-	c.renewKey = caller.PodUID
-	if c.renewKey == "" {
-		c.renewKey = caller.ID.String() + "|" + hostOf(c.Event.Peer)
-	}
-	if a.recent(c.renewKey) {
+	creds, peerAddr, _ := authn.FromIncoming(ctx)
+	host := hostOf(peerAddr)
+	switch {
+	case creds.Token == "" && len(creds.PeerCertificates) > 0:
 		c.priority = PriorityRenewal
+	case creds.Token != "":
+		if key := renewalKey(unverifiedPod(creds.Token), host); key != "" && a.recent(key) {
+			c.priority = PriorityRenewal
+		}
 	}
-	if err := a.Identity(caller.ID.String(), c.priority); err != nil {
+	if err := a.Peer(host, c.priority); err != nil {
 		return nil, err
 	}
 	return a.Acquire(ctx, c.priority)
+}
+
+// AdmitCaller applies the authenticated identity's rate, and remembers
+// the caller, so that its next request counts as a renewal.
+func (c *Call) AdmitCaller(caller *authn.Caller) error {
+	a := c.edge.Admission
+	if a == nil {
+		return nil
+	}
+	c.renewKey = renewalKey(caller.PodUID, hostOf(c.Event.Peer))
+	if caller.PodUID == "" {
+		// The subject a token without a pod carries, as Admit reads it.
+		c.renewKey = renewalKey("system:serviceaccount:"+caller.Namespace+":"+caller.ServiceAccount, hostOf(c.Event.Peer))
+	}
+	return a.Identity(caller.ID.String(), c.priority)
+}
+
+// renewalKey is what renewals are recognised by: a pod's UID, else the
+// identity (or token subject) at an address.
+func renewalKey(podOrID, host string) string {
+	switch {
+	case podOrID == "":
+		return ""
+	case strings.HasPrefix(podOrID, "spiffe://"), strings.HasPrefix(podOrID, "system:"):
+		return podOrID + "|" + host
+	}
+	return podOrID
+}
+
+// unverifiedPod returns the pod UID a service-account token names, else
+// its subject (system:serviceaccount:<ns>:<sa>), else "". Nothing is
+// verified: the answer only orders requests.
+func unverifiedPod(token string) string {
+	parts := strings.SplitN(token, ".", 3)
+	if len(parts) != 3 || len(parts[1]) > 16<<10 {
+		return ""
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return ""
+	}
+	var claims struct {
+		Sub string `json:"sub"`
+		K8s struct {
+			Pod struct {
+				UID string `json:"uid"`
+			} `json:"pod"`
+		} `json:"kubernetes.io"`
+	}
+	if json.Unmarshal(payload, &claims) != nil {
+		return ""
+	}
+	if claims.K8s.Pod.UID != "" {
+		return claims.K8s.Pod.UID
+	}
+	return claims.Sub
 }
 
 // Issued records the leaf in the audit event.

@@ -76,15 +76,18 @@ func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 }
 
 func (s *Service) create(ctx context.Context, call *edge.Call, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
-	caller, err := call.Authenticate(ctx)
-	if err != nil {
-		return nil, err
-	}
-	release, err := call.Admit(ctx, caller)
+	release, err := call.Admit(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer release()
+	caller, err := call.Authenticate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := call.AdmitCaller(caller); err != nil {
+		return nil, err
+	}
 	if v := req.GetValidityDuration(); v < 0 {
 		return nil, fmt.Errorf("%w: validity_duration is %d seconds; want 0 (policy default) or a positive number", ca.ErrBadRequest, v)
 	}

@@ -38,7 +38,8 @@ const usage = `usage:
   meshctl svid [--socket PATH] [--out DIR]
   meshctl proxies [--admin URL] [--json]
   meshctl bench-sds [--config FILE] [--addr HOST:PORT] [--ca-cert FILE] [--conns 100] [--streams-per-conn 100] [--admin URL] [--profile DIR]
-  meshctl bench-sds --config FILE --init-ca`
+  meshctl bench-sds --config FILE --init-ca
+  meshctl bench-admission [--renewers 64] [--renew-conns 16] [--pod-rate 100] [--idle 5s] [--storm 10s]`
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -56,6 +57,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return svidCmd(ctx, args[1:], stdout, stderr)
 	case "proxies":
 		return proxiesCmd(ctx, args[1:], stdout, stderr)
+	case "bench-admission":
+		return benchAdmissionCmd(ctx, args[1:], stdout, stderr)
 	case "bench-sds":
 		return benchSDSCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":

@@ -1,0 +1,258 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/meshca/meshca/cmd/internal/devkey"
+)
+
+// benchAdmissionCmd shows admission control at work: new pods' first
+// certificates, at a steady rate, measured while meshca is idle and again
+// during a renewal storm that saturates it (workloads renewing with their
+// client certificates, as fast as meshca answers).
+func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("meshctl bench-admission", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", defaultAddr, "meshca gRPC address")
+	caCert := fs.String("ca-cert", defaultCACert, "PEM roots of meshca's serving certificate")
+	cfgPath := fs.String("config", "", "meshca configuration, for the dev token key (default: embedded dev config)")
+	renewers := fs.Int("renewers", 64, "concurrent renewals in the storm")
+	renewConns := fs.Int("renew-conns", 16, "connections (each its own workload's client certificate) the renewals use")
+	podRate := fs.Int("pod-rate", 100, "new pods per second, in both phases")
+	idle := fs.Duration("idle", 5*time.Second, "the idle phase")
+	storm := fs.Duration("storm", 10*time.Second, "the storm phase")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *renewers < 1 || *renewConns < 1 || *podRate < 1 {
+		return fmt.Errorf("--renewers, --renew-conns and --pod-rate must be at least 1")
+	}
+	cfg, key, err := loadDevKey(*cfgPath)
+	if err != nil {
+		return err
+	}
+	mint := func(ns, sa string) (string, error) {
+		return key.Mint(devkey.Claims{Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences, Namespace: ns, ServiceAccount: sa, TTL: time.Hour})
+	}
+
+	// New pods: a token and CSR each, never seen by meshca before.
+	pods := *podRate * int((*idle + *storm + 2*time.Second).Seconds())
+	fmt.Fprintf(stderr, "preparing %d new pods and %d renewing workloads...\n", pods, *renewConns)
+	type ask struct{ token, csr string }
+	newPods := make([]ask, pods)
+	for i := range newPods {
+		tok, err := mint("admission", fmt.Sprintf("pod-%d-%d", time.Now().UnixNano()%1e6, i))
+		if err != nil {
+			return err
+		}
+		id, err := idFromToken(tok, cfg.TrustDomain)
+		if err != nil {
+			return err
+		}
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return err
+		}
+		csr, err := makeCSR(k, id)
+		if err != nil {
+			return err
+		}
+		newPods[i] = ask{tok, string(csr)}
+	}
+	podConn, err := dial(*addr, *caCert)
+	if err != nil {
+		return err
+	}
+	defer podConn.Close()
+	podClient := pb.NewIstioCertificateServiceClient(podConn)
+
+	// Renewing workloads: each gets a certificate with a token, then
+	// renews with that certificate alone, on a connection of its own.
+	renewClients := make([]pb.IstioCertificateServiceClient, *renewConns)
+	renewCSRs := make([]string, *renewConns)
+	for i := range renewClients {
+		tok, err := mint("admission", fmt.Sprintf("renewer-%d", i))
+		if err != nil {
+			return err
+		}
+		id, err := idFromToken(tok, cfg.TrustDomain)
+		if err != nil {
+			return err
+		}
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return err
+		}
+		csr, err := makeCSR(k, id)
+		if err != nil {
+			return err
+		}
+		resp, err := podClient.CreateCertificate(withToken(ctx, tok), &pb.IstioCertificateRequest{Csr: string(csr)}, grpc.WaitForReady(true))
+		if err != nil {
+			return fmt.Errorf("first certificate for a renewing workload: %w", err)
+		}
+		conn, err := dialWithCert(*addr, *caCert, k, resp.CertChain)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		renewClients[i], renewCSRs[i] = pb.NewIstioCertificateServiceClient(conn), string(csr)
+	}
+
+	var next atomic.Int64
+	// podLoad sends new pods at podRate for d and returns their latencies.
+	podLoad := func(d time.Duration) (lat []time.Duration, failed int) {
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		tick := time.NewTicker(time.Second / time.Duration(*podRate))
+		defer tick.Stop()
+		end := time.After(d)
+	loop:
+		for {
+			select {
+			case <-end:
+				break loop
+			case <-tick.C:
+			}
+			i := int(next.Add(1)) - 1
+			if i >= len(newPods) {
+				break
+			}
+			wg.Go(func() {
+				t0 := time.Now()
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err := podClient.CreateCertificate(withToken(cctx, newPods[i].token), &pb.IstioCertificateRequest{Csr: newPods[i].csr})
+				cancel()
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					failed++
+					return
+				}
+				lat = append(lat, time.Since(t0))
+			})
+		}
+		wg.Wait()
+		slices.Sort(lat)
+		return lat, failed
+	}
+
+	fmt.Fprintf(stdout, "new pods at %d/s; storm: %d renewals in flight over %d connections, each renewing with its client certificate\n", *podRate, *renewers, *renewConns)
+	idleLat, idleFailed := podLoad(*idle)
+
+	stop := make(chan struct{})
+	var renewed, shed, otherErr atomic.Int64
+	var wg sync.WaitGroup
+	for w := range *renewers {
+		wg.Go(func() {
+			c, csr := renewClients[w%len(renewClients)], renewCSRs[w%len(renewCSRs)]
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err := c.CreateCertificate(cctx, &pb.IstioCertificateRequest{Csr: csr})
+				cancel()
+				switch status.Code(err) {
+				case codes.OK:
+					renewed.Add(1)
+				case codes.ResourceExhausted:
+					// A well-behaved client comes back when told to.
+					shed.Add(1)
+					select {
+					case <-stop:
+					case <-time.After(retryAfter(err)):
+					}
+				default:
+					otherErr.Add(1)
+				}
+			}
+		})
+	}
+	time.Sleep(time.Second) // let the storm build
+	before := renewed.Load()
+	t0 := time.Now()
+	stormLat, stormFailed := podLoad(*storm)
+	elapsed := time.Since(t0)
+	rate := float64(renewed.Load()-before) / elapsed.Seconds()
+	close(stop)
+	wg.Wait()
+
+	row := "%-24s %9s %9s %9s %8s\n"
+	fmt.Fprintf(stdout, row, "new pods", "requests", "p50", "p99", "failed")
+	fmt.Fprintf(stdout, row, "idle", fmt.Sprint(len(idleLat)), pct(idleLat, 0.5), pct(idleLat, 0.99), fmt.Sprint(idleFailed))
+	fmt.Fprintf(stdout, row, "during the storm", fmt.Sprint(len(stormLat)), pct(stormLat, 0.5), pct(stormLat, 0.99), fmt.Sprint(stormFailed))
+	fmt.Fprintf(stdout, "renewals during the storm: %.0f/s, %d told to retry later (ResourceExhausted, honoured), %d other errors\n", rate, shed.Load(), otherErr.Load())
+	if len(idleLat) == 0 || len(stormLat) == 0 {
+		return fmt.Errorf("no new pod got a certificate")
+	}
+	ratio := float64(pctDur(stormLat, 0.99)) / float64(pctDur(idleLat, 0.99))
+	verdict := "PASS"
+	if ratio > 2 {
+		verdict = "MISS"
+	}
+	fmt.Fprintf(stdout, "new-pod p99 during the storm / idle: %.2f× (target ≤ 2×) %s\n", ratio, verdict)
+	return nil
+}
+
+// retryAfter is the RetryInfo hint of a status error, or 1s.
+func retryAfter(err error) time.Duration {
+	for _, d := range status.Convert(err).Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok {
+			return ri.GetRetryDelay().AsDuration()
+		}
+	}
+	return time.Second
+}
+
+func pctDur(sorted []time.Duration, q float64) time.Duration {
+	return sorted[min(int(float64(len(sorted))*q), len(sorted)-1)]
+}
+
+// dialWithCert dials meshca presenting a certificate chain (leaf first, as
+// CreateCertificate returns it, root last) and its key.
+func dialWithCert(addr, caCertFile string, key *ecdsa.PrivateKey, chainPEM []string) (*grpc.ClientConn, error) {
+	pemBytes, err := os.ReadFile(caCertFile)
+	if err != nil {
+		return nil, fmt.Errorf("read --ca-cert: %w", err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pemBytes)
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("--addr: %w", err)
+	}
+	cert := tls.Certificate{PrivateKey: key}
+	for _, p := range chainPEM[:max(1, len(chainPEM)-1)] {
+		c, err := parsePEMCert(p)
+		if err != nil {
+			return nil, err
+		}
+		cert.Certificate = append(cert.Certificate, c.Raw)
+	}
+	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}})
+	return grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+}
