@@ -36,6 +36,11 @@ type Caller struct {
 	// PodName and PodUID are set when the token was bound to a pod.
 	PodName string
 	PodUID  string
+	// NodeName is the node that pod is scheduled on, as the token says
+	// (the kubernetes.io claim's node, or TokenReview's node-name extra):
+	// set only for a token bound to a pod that was scheduled when the token
+	// was minted. Client certificates carry none.
+	NodeName string
 	// Authenticator names the authenticator that vouched for the caller:
 	// "jwt", "tokenreview" or "clientcert".
 	Authenticator string

@@ -161,6 +161,12 @@ func callerFromClaims(c *claims, authenticator string, td spiffeid.TrustDomain) 
 			return nil, authn.Fail(authn.ReasonMalformed, "token pod claim lacks a name or UID")
 		}
 		caller.PodName, caller.PodUID = k.Pod.Name, k.Pod.UID
+		// The apiserver adds the pod's node to a pod-bound token
+		// (ServiceAccountTokenPodNodeInfo, on since 1.30). A token bound to
+		// a Node alone names no pod, and no node is taken from it.
+		if k.Node != nil {
+			caller.NodeName = k.Node.Name
+		}
 	}
 	return caller, nil
 }

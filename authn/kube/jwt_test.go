@@ -107,6 +107,26 @@ func TestJWTAuthenticate(t *testing.T) {
 				ExpiresAt:         valid.Expiry.Time(),
 			},
 		},
+		{
+			name:  "pod-bound token with the pod's node",
+			token: ti.sign(ecKID, mod(func(c *claims) { c.Kubernetes.Node = &objectRef{Name: "node-a"} })),
+			want: &authn.Caller{
+				ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/ns1/sa/sa1"), Namespace: "ns1", ServiceAccount: "sa1",
+				ServiceAccountUID: "sa-uid-sa1", PodName: "pod-1", PodUID: "pod-uid-1", NodeName: "node-a", Authenticator: "jwt",
+				ExpiresAt: valid.Expiry.Time(),
+			},
+		},
+		{
+			// A token bound to a Node alone: no pod, so no node is taken.
+			name: "node-bound token without pod",
+			token: ti.sign(ecKID, mod(func(c *claims) {
+				c.Kubernetes.Pod, c.Kubernetes.Node = nil, &objectRef{Name: "node-a", UID: "node-uid-a"}
+			})),
+			want: &authn.Caller{
+				ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/ns1/sa/sa1"), Namespace: "ns1", ServiceAccount: "sa1",
+				ServiceAccountUID: "sa-uid-sa1", Authenticator: "jwt", ExpiresAt: valid.Expiry.Time(),
+			},
+		},
 		{name: "no token", token: "", wantErr: authn.ErrNoCredentials},
 		{name: "not a JWT", token: "not-a-jwt", reason: authn.ReasonMalformed},
 		{name: "three garbage segments", token: "a.b.c", reason: authn.ReasonMalformed},

@@ -204,6 +204,7 @@ type kubeFixture struct {
 	ns    string
 	sa    *corev1.ServiceAccount
 	pod   *corev1.Pod // nil for a token not bound to a pod
+	node  string      // the node pod is scheduled on, if any
 }
 
 var istioCA = []string{"istio-ca"}
@@ -214,6 +215,19 @@ func kubeCases() []kubeCase {
 			name: "valid pod-bound token",
 			token: func(t *testing.T, f *kubeFixture) string {
 				f.pod = f.env.CreatePod(t, f.ns, "pod-"+f.sa.Name, f.sa.Name)
+				return f.env.Token(t, f.ns, f.sa.Name, istioCA, time.Hour, f.pod)
+			},
+			jwt:    outcome{ok: true},
+			review: outcome{ok: true},
+		},
+		{
+			// The apiserver names the pod's node in the token (the
+			// kubernetes.io claim; TokenReview's node-name extra), with
+			// no Node object behind it.
+			name: "valid token bound to a pod on a node",
+			token: func(t *testing.T, f *kubeFixture) string {
+				f.node = "node-" + f.sa.Name
+				f.pod = f.env.CreatePodOnNode(t, f.ns, "pod-"+f.sa.Name, f.sa.Name, f.node)
 				return f.env.Token(t, f.ns, f.sa.Name, istioCA, time.Hour, f.pod)
 			},
 			jwt:    outcome{ok: true},
@@ -424,9 +438,11 @@ func TestKubeAuthenticators(t *testing.T) {
 						if f.pod != nil {
 							require.Equal(t, f.pod.Name, got.PodName)
 							require.Equal(t, string(f.pod.UID), got.PodUID)
+							require.Equal(t, f.node, got.NodeName)
 						} else {
 							require.Empty(t, got.PodName)
 							require.Empty(t, got.PodUID)
+							require.Empty(t, got.NodeName)
 						}
 					case want.reason != "":
 						requireReason(t, err, want.reason)

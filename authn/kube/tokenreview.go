@@ -104,10 +104,12 @@ const tokenReviewAuthenticator = "tokenreview"
 // defaultMaxInFlight is TokenReviewConfig.MaxInFlight's default.
 const defaultMaxInFlight = 32
 
-// Keys of TokenReview's status.user.extra for tokens bound to a pod.
+// Keys of TokenReview's status.user.extra for tokens bound to a pod, and
+// the node that pod is scheduled on.
 const (
-	extraPodName = "authentication.kubernetes.io/pod-name"
-	extraPodUID  = "authentication.kubernetes.io/pod-uid"
+	extraPodName  = "authentication.kubernetes.io/pod-name"
+	extraPodUID   = "authentication.kubernetes.io/pod-uid"
+	extraNodeName = "authentication.kubernetes.io/node-name"
 )
 
 // NewTokenReview checks cfg and returns a TokenReview authenticator.
@@ -253,6 +255,11 @@ func (r *TokenReview) review(ctx context.Context, token string) (*authn.Caller, 
 		PodUID:            firstExtra(st.User.Extra, extraPodUID),
 		Authenticator:     tokenReviewAuthenticator,
 		ExpiresAt:         unverifiedExpiry(token),
+	}
+	// A token bound to a Node alone also carries node-name; as with the
+	// jwt authenticator, only a pod's node is taken.
+	if caller.PodName != "" {
+		caller.NodeName = firstExtra(st.User.Extra, extraNodeName)
 	}
 	return caller, nil
 }

@@ -57,10 +57,21 @@ func (e *Env) DeleteServiceAccount(t testing.TB, ns, name string) {
 // informers.
 func (e *Env) CreatePod(t testing.TB, ns, name, serviceAccount string) *corev1.Pod {
 	t.Helper()
+	return e.CreatePodOnNode(t, ns, name, serviceAccount, "")
+}
+
+// CreatePodOnNode is CreatePod with spec.nodeName set to node, as if the
+// scheduler had bound it there ("" leaves it unscheduled). The node need not
+// exist: the apiserver does not check, and a token bound to the pod still
+// names the node (kubernetes.io claim, TokenReview's node-name extra), with
+// no node UID.
+func (e *Env) CreatePodOnNode(t testing.TB, ns, name, serviceAccount, node string) *corev1.Pod {
+	t.Helper()
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": name}},
 		Spec: corev1.PodSpec{
 			ServiceAccountName: serviceAccount,
+			NodeName:           node,
 			Containers:         []corev1.Container{{Name: "app", Image: "example.invalid/app:test"}},
 		},
 	}
