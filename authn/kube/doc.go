@@ -30,5 +30,11 @@
 // for TokenReview; get the non-resource URLs /.well-known/openid-configuration
 // and /openid/v1/jwks (ClusterRole system:service-account-issuer-discovery,
 // which a default binding grants every service account) for JWT without
-// JWKSFile/JWKSURL; list and watch serviceaccounts for ServiceAccountIndex.
+// JWKSFile/JWKSURL; list and watch serviceaccounts for ServiceAccountIndex;
+// list and watch pods for PodIndex.
+//
+// PodIndex, an informer on Pods indexed by node and service account, is the
+// authn.PodLocator behind authn.NodeAuthorizer: it tells whether a pod of
+// the identity a node agent (ztunnel) asks for runs on the agent's node,
+// which the agent's pod-bound token names (Caller.NodeName).
 package kube

@@ -32,7 +32,7 @@ type Client struct {
 	// configured QPS and burst.
 	Interface kubernetes.Interface
 	// Watch is a typed client with a budget of its own (5 QPS, burst 10),
-	// for the service-account list and watch, so that a flood of reviews
+	// for the service-account and pod lists and watches, so that a flood of reviews
 	// cannot starve them (nor they the reviews). Discovery and JWKS reads
 	// build their own clients from Rest, with their own budgets too.
 	Watch kubernetes.Interface
@@ -87,6 +87,11 @@ type Config struct {
 	// CheckServiceAccounts watches ServiceAccounts and refuses credentials
 	// of deleted or re-created ones. Needs Deps.Client.
 	CheckServiceAccounts bool
+	// TrustedNodeAgents lists the service accounts ("namespace/name") of
+	// the node agents (ztunnel) that may ask for certificates of the
+	// workloads on their node. Non-empty, it watches Pods, to know which
+	// run where. Needs Deps.Client.
+	TrustedNodeAgents []string
 }
 
 // Deps are New's runtime inputs.
@@ -112,6 +117,12 @@ type Authenticators struct {
 	// ServiceAccounts is the watch, if CheckServiceAccounts: ready once it
 	// has synced, and must be Run.
 	ServiceAccounts *ServiceAccountIndex
+	// Pods is the pod watch, if TrustedNodeAgents: ready once it has
+	// synced, and must be Run.
+	Pods *PodIndex
+	// Impersonation decides node agents' impersonations, if
+	// TrustedNodeAgents; nil otherwise.
+	Impersonation *authn.NodeAuthorizer
 }
 
 // New builds the authenticators cfg.Chain names, in order. An unknown name
@@ -130,16 +141,29 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Authenticators, error) {
 	if deps.Client != nil {
 		restCfg, client = deps.Client.Rest, deps.Client.Interface
 	}
+	watch := client
+	if deps.Client != nil && deps.Client.Watch != nil {
+		watch = deps.Client.Watch
+	}
 	if cfg.CheckServiceAccounts {
 		if client == nil {
 			return nil, fmt.Errorf("authn.checkServiceAccounts needs a kube client")
 		}
-		watch := client
-		if deps.Client.Watch != nil {
-			watch = deps.Client.Watch
-		}
 		out.ServiceAccounts = NewServiceAccountIndex(watch, deps.Log.With("component", "serviceaccounts"))
 		lookup = out.ServiceAccounts
+	}
+	if len(cfg.TrustedNodeAgents) > 0 {
+		if client == nil {
+			return nil, fmt.Errorf("authn.trustedNodeAgents needs a kube client")
+		}
+		out.Pods = NewPodIndex(watch, deps.Log.With("component", "pods"))
+		var err error
+		out.Impersonation, err = authn.NewNodeAuthorizer(authn.NodeAuthorizerConfig{
+			TrustDomain: cfg.TrustDomain, Trusted: cfg.TrustedNodeAgents, Pods: out.Pods,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("authn.trustedNodeAgents: %w", err)
+		}
 	}
 	var links []authn.Named
 	for _, name := range cfg.Chain {

@@ -954,3 +954,68 @@ func TestKubeServiceAccountIndex(t *testing.T) {
 	cancel()
 	require.NoError(t, <-done)
 }
+
+func TestKubePodIndex(t *testing.T) {
+	env := kubeEnv(t)
+	idx := NewPodIndex(env.Client, nil)
+	_, _, err := idx.Pod("authn", "x")
+	require.ErrorIs(t, err, authn.ErrUnavailable, "before sync")
+	_, err = idx.ServiceAccountOnNode("node-a", "authn", "x")
+	require.ErrorIs(t, err, authn.ErrUnavailable, "before sync")
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- idx.Run(ctx) }()
+	require.Eventually(t, idx.HasSynced, 10*time.Second, 10*time.Millisecond)
+	require.ErrorContains(t, idx.Run(ctx), "already running")
+
+	ns := uniqueName("authn-pods")
+	env.CreateServiceAccount(t, ns, "web")
+	env.CreateServiceAccount(t, ns, "db")
+	web := env.CreatePodOnNode(t, ns, "web-0", "web", "node-a")
+	env.CreatePodOnNode(t, ns, "db-0", "db", "node-b")
+	env.CreatePod(t, ns, "db-pending", "db")
+	require.Eventually(t, func() bool {
+		on, err := idx.ServiceAccountOnNode("node-b", ns, "db")
+		return err == nil && on
+	}, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool {
+		_, found, err := idx.Pod(ns, "db-pending")
+		return err == nil && found
+	}, 10*time.Second, 10*time.Millisecond)
+
+	got, found, err := idx.Pod(ns, "web-0")
+	require.NoError(t, err)
+	require.True(t, found)
+	require.Equal(t, authn.Pod{UID: string(web.UID), NodeName: "node-a", ServiceAccount: "web"}, got)
+	for _, c := range []struct {
+		node, sa string
+		want     bool
+	}{{"node-a", "web", true}, {"node-b", "db", true}, {"node-a", "db", false}, {"node-b", "web", false}, {"", "db", false}} {
+		on, err := idx.ServiceAccountOnNode(c.node, ns, c.sa)
+		require.NoError(t, err)
+		require.Equal(t, c.want, on, "%s on %q", c.sa, c.node)
+	}
+	on, err := idx.ServiceAccountOnNode("node-a", "other", "web")
+	require.NoError(t, err)
+	require.False(t, on, "the same name in another namespace")
+
+	// Only the five fields are kept.
+	obj, found, err := idx.informer.GetStore().GetByKey(ns + "/web-0")
+	require.NoError(t, err)
+	require.True(t, found)
+	stored := obj.(*corev1.Pod)
+	require.Empty(t, stored.Labels)
+	require.Empty(t, stored.Spec.Containers)
+
+	err = env.Client.CoreV1().Pods(ns).Delete(t.Context(), "web-0", metav1.DeleteOptions{GracePeriodSeconds: new(int64)})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		on, err := idx.ServiceAccountOnNode("node-a", ns, "web")
+		_, found, _ := idx.Pod(ns, "web-0")
+		return err == nil && !on && !found
+	}, 10*time.Second, 10*time.Millisecond)
+
+	cancel()
+	require.NoError(t, <-done)
+}
