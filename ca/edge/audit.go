@@ -20,8 +20,14 @@ type AuditEvent struct {
 	// refusal (an authn or CSR reason).
 	Code   string
 	Reason string
-	// Identity is the caller's SPIFFE ID when authenticated.
-	Identity      string
+	// Identity is the SPIFFE ID the certificate is for: the caller's own
+	// when authenticated, or the one a node agent asked for.
+	Identity string
+	// ImpersonatedBy is the caller's SPIFFE ID when it asked for another
+	// identity's certificate (ztunnel), and Node the caller's node.
+	ImpersonatedBy string
+	Node           string
+	// Pod is the pod the caller's credential is bound to.
 	Pod           string
 	Authenticator string
 	// Leaf facts, for issued certificates.
@@ -50,7 +56,7 @@ func NewAuditor(w io.Writer) *Auditor {
 
 // Record writes ev. Empty fields are left out.
 func (a *Auditor) Record(ev AuditEvent) {
-	attrs := make([]slog.Attr, 0, 14)
+	attrs := make([]slog.Attr, 0, 16)
 	attrs = append(attrs, slog.String("audit", "certificate"), slog.String("service", ev.Service), slog.String("result", ev.Result))
 	add := func(k, v string) {
 		if v != "" {
@@ -60,6 +66,8 @@ func (a *Auditor) Record(ev AuditEvent) {
 	add("code", ev.Code)
 	add("reason", ev.Reason)
 	add("identity", ev.Identity)
+	add("impersonated_by", ev.ImpersonatedBy)
+	add("node", ev.Node)
 	add("pod", ev.Pod)
 	add("authenticator", ev.Authenticator)
 	add("serial", ev.Serial)

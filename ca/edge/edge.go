@@ -34,6 +34,9 @@ type Metrics struct {
 	Latency *prometheus.HistogramVec
 	// AuthnFailures counts refused credentials by authenticator and reason.
 	AuthnFailures *prometheus.CounterVec
+	// Impersonations counts requests for another identity's certificate
+	// (ztunnel's), by result: "allowed", or why they were refused.
+	Impersonations *prometheus.CounterVec
 }
 
 // NewMetrics creates the edge metrics on reg (nil: unregistered).
@@ -53,6 +56,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "meshca_authn_failures_total",
 			Help: "Refused credentials, by authenticator and reason.",
 		}, []string{"authenticator", "reason"}),
+		Impersonations: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_impersonations_total",
+			Help: "Requests of node agents (ztunnel) for another identity's certificate, by result: allowed, or the reason for refusal.",
+		}, []string{"result"}),
 	}
 }
 
@@ -62,6 +69,9 @@ type Edge struct {
 	Service string
 	// Authenticator vouches for callers. Required.
 	Authenticator authn.Authenticator
+	// Impersonator decides whether a caller may have a certificate for
+	// another identity (Call.Impersonate). Default: nobody may.
+	Impersonator Impersonator
 	// Metrics records requests. Default: unregistered metrics.
 	Metrics *Metrics
 	// Audit receives one line per request. Default: discard.
@@ -91,6 +101,15 @@ func New(e Edge) (*Edge, error) {
 		e.Log = slog.New(slog.DiscardHandler)
 	}
 	return &e, nil
+}
+
+// An Impersonator decides whether caller may have a certificate for
+// identity, a SPIFFE ID, and returns the Caller to issue it to;
+// *authn.NodeAuthorizer is one. A refusal wraps authn.ErrImpersonationDenied
+// (an *authn.ImpersonationError), or authn.ErrUnavailable when it cannot
+// tell now.
+type Impersonator interface {
+	Impersonate(caller *authn.Caller, identity string) (*authn.Caller, error)
 }
 
 // Call is one request passing an edge. Start it on arrival; End it once.
@@ -236,6 +255,52 @@ func unverifiedPod(token string) string {
 	return claims.Sub
 }
 
+// Impersonate asks the edge's Impersonator whether caller may have a
+// certificate for identity, and returns the Caller to issue it to. The
+// audit event then names identity as the identity and caller's as
+// impersonated_by, refused or not; the decision is counted by result.
+func (c *Call) Impersonate(caller *authn.Caller, identity string) (*authn.Caller, error) {
+	c.Event.ImpersonatedBy, c.Event.Node = caller.ID.String(), caller.NodeName
+	c.Event.Identity = auditIdentity(identity)
+	var (
+		imp *authn.Caller
+		err error
+	)
+	if c.edge.Impersonator == nil {
+		err = authn.ImpersonationOff(caller)
+	} else {
+		imp, err = c.edge.Impersonator.Impersonate(caller, identity)
+	}
+	var ie *authn.ImpersonationError
+	switch {
+	case err == nil:
+		c.Event.Identity = imp.ID.String()
+		// A node agent asks for many pods: none of its requests is a
+		// renewal of its own certificate.
+		c.renewKey = ""
+		c.edge.Metrics.Impersonations.WithLabelValues("allowed").Inc()
+		return imp, nil
+	case errors.As(err, &ie):
+		c.edge.Metrics.Impersonations.WithLabelValues(ie.Reason).Inc()
+	case errors.Is(err, authn.ErrUnavailable):
+		c.edge.Metrics.Impersonations.WithLabelValues(authn.ReasonUnavailable).Inc()
+	default:
+		c.edge.Metrics.Impersonations.WithLabelValues(ReasonInternal).Inc()
+	}
+	return nil, err
+}
+
+// maxAuditIdentity bounds an asked identity in an audit line: no SPIFFE ID
+// is longer, and a caller must not be able to write megabytes into it.
+const maxAuditIdentity = 2048
+
+func auditIdentity(s string) string {
+	if len(s) <= maxAuditIdentity {
+		return s
+	}
+	return s[:maxAuditIdentity] + "…(truncated)"
+}
+
 // Issued records the leaf in the audit event.
 func (c *Call) Issued(is *ca.Issued) {
 	if a := c.edge.Admission; a != nil && c.renewKey != "" {
@@ -290,10 +355,14 @@ const (
 )
 
 // Reason names why err refused a request, for audit lines: an
-// authentication reason (authn.Reason*), a CSR reason (ca.CSR*), or one of
-// the Reason constants above.
+// authentication reason (authn.Reason*), an impersonation reason (the
+// authn.Reason* of an *authn.ImpersonationError), a CSR reason (ca.CSR*), or
+// one of the Reason constants above.
 func Reason(err error) string {
-	var ce *ca.CSRError
+	var (
+		ce *ca.CSRError
+		ie *authn.ImpersonationError
+	)
 	switch {
 	case errors.Is(err, authn.ErrUnauthenticated), errors.Is(err, authn.ErrUnavailable):
 		return authn.ReasonOf(err)
@@ -301,6 +370,8 @@ func Reason(err error) string {
 		return ce.Reason
 	case errors.Is(err, authn.ErrIdentityMismatch):
 		return ReasonIdentityMismatch
+	case errors.As(err, &ie):
+		return ie.Reason
 	case errors.Is(err, ca.ErrBadRequest):
 		return ReasonBadRequest
 	case errors.Is(err, ca.ErrBackendUnavailable):
@@ -332,7 +403,7 @@ func Status(err error) *status.Status {
 		return status.New(codes.Unavailable, "cannot authenticate now (the token authority is unreachable); retry later")
 	case errors.Is(err, authn.ErrUnauthenticated):
 		return status.New(codes.Unauthenticated, err.Error())
-	case errors.Is(err, authn.ErrIdentityMismatch):
+	case errors.Is(err, authn.ErrIdentityMismatch), errors.Is(err, authn.ErrImpersonationDenied):
 		return status.New(codes.PermissionDenied, err.Error())
 	case errors.Is(err, ca.ErrBadCSR), errors.Is(err, ca.ErrBadRequest):
 		return status.New(codes.InvalidArgument, err.Error())

@@ -16,6 +16,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/edge"
@@ -46,6 +47,13 @@ const ServiceLabel = "istio"
 // RFC 3339 in UTC, whole seconds. Clients that do not know it ignore it.
 const RenewAtHeader = "meshca-renew-at"
 
+// ImpersonatedIdentityKey is the field of IstioCertificateRequest.metadata
+// (a google.protobuf.Struct) by which a node agent asks for a certificate
+// for another identity: ztunnel sets it to the SPIFFE ID of a workload on
+// its node, and signs the CSR for that identity. The key and its meaning
+// are Istio's (istiod's CA server reads the same field).
+const ImpersonatedIdentityKey = "ImpersonatedIdentity"
+
 // Service implements IstioCertificateServiceServer.
 type Service struct {
 	pb.UnimplementedIstioCertificateServiceServer
@@ -68,7 +76,10 @@ func New(cfg Config) (*Service, error) {
 func (s *Service) Register(g grpc.ServiceRegistrar) { pb.RegisterIstioCertificateServiceServer(g, s) }
 
 // CreateCertificate authenticates the caller, checks the CSR and returns
-// the chain leaf first, root last.
+// the chain leaf first, root last. A request whose metadata names an
+// ImpersonatedIdentityKey is for that identity, if the edge's Impersonator
+// allows it, and refused otherwise: it is never answered with a
+// certificate for the caller's own identity.
 func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
 	call := s.edge.Start()
 	resp, err := s.create(ctx, call, req)
@@ -87,6 +98,17 @@ func (s *Service) create(ctx context.Context, call *edge.Call, req *pb.IstioCert
 	}
 	if err := call.AdmitCaller(caller); err != nil {
 		return nil, err
+	}
+	asked, err := impersonatedIdentity(req)
+	if err != nil {
+		return nil, err
+	}
+	if asked != "" {
+		// From here on, the certificate is the impersonated identity's:
+		// its CSR and its policy are checked against that identity.
+		if caller, err = call.Impersonate(caller, asked); err != nil {
+			return nil, err
+		}
 	}
 	if v := req.GetValidityDuration(); v < 0 {
 		return nil, fmt.Errorf("%w: validity_duration is %d seconds; want 0 (policy default) or a positive number", ca.ErrBadRequest, v)
@@ -112,6 +134,21 @@ func (s *Service) create(ctx context.Context, call *edge.Call, req *pb.IstioCert
 	chain = append(chain, issued.CertPEM)
 	chain = append(chain, issued.ChainPEM...)
 	return &pb.IstioCertificateResponse{CertChain: chain}, nil
+}
+
+// impersonatedIdentity returns the request's ImpersonatedIdentityKey
+// metadata, "" when it has none. An empty string counts as none, as for
+// istiod; a value that is not a string is a malformed request.
+func impersonatedIdentity(req *pb.IstioCertificateRequest) (string, error) {
+	v, ok := req.GetMetadata().GetFields()[ImpersonatedIdentityKey]
+	if !ok {
+		return "", nil
+	}
+	s, ok := v.GetKind().(*structpb.Value_StringValue)
+	if !ok {
+		return "", fmt.Errorf("%w: metadata %s must be a string holding a SPIFFE ID", ca.ErrBadRequest, ImpersonatedIdentityKey)
+	}
+	return s.StringValue, nil
 }
 
 // setRenewAt sends RenewAtHeader with the response. A direct call with no

@@ -141,10 +141,12 @@ type metrics struct {
 // signs with an intermediate (catest.Holder).
 func newFixture(t *testing.T, policy *ca.Policy) *fixture {
 	t.Helper()
-	return newFixtureWith(t, policy, catest.NewHolder(t, true))
+	return newFixtureWith(t, policy, catest.NewHolder(t, true), nil)
 }
 
-func newFixtureWith(t *testing.T, policy *ca.Policy, backend ca.Backend) *fixture {
+// newFixtureWith is newFixture with a backend of the test's, and imp as
+// the edge's Impersonator (nil: none).
+func newFixtureWith(t *testing.T, policy *ca.Policy, backend ca.Backend, imp edge.Impersonator) *fixture {
 	t.Helper()
 	if policy == nil {
 		policy = &ca.Policy{}
@@ -164,13 +166,24 @@ func newFixtureWith(t *testing.T, policy *ca.Policy, backend ca.Backend) *fixtur
 		require.NoError(t, err)
 		return &authn.Caller{ID: id, Namespace: ns, ServiceAccount: sa, PodName: "p-1"}
 	}
+	onNode := func(c *authn.Caller, pod, uid, node string) *authn.Caller {
+		c.PodName, c.PodUID, c.NodeName = pod, uid, node
+		return c
+	}
 	chain, err := authn.NewChain(
 		authn.Named{Name: "clientcert", Authenticator: cc},
-		authn.Named{Name: "table", Authenticator: tokenTable{"tok-web": mk("demo", "web"), "tok-short": mk("short", "lived")}},
+		authn.Named{Name: "table", Authenticator: tokenTable{
+			"tok-web": mk("demo", "web"), "tok-short": mk("short", "lived"),
+			// A node agent's pod-bound token, and one bound to no pod.
+			"tok-ztunnel-a":      onNode(mk("istio-system", "ztunnel"), "ztunnel-a", "zt-uid-a", "node-a"),
+			"tok-ztunnel-nopod":  mk("istio-system", "ztunnel"),
+			"tok-web-on-a":       onNode(mk("demo", "web"), "web-0", "web-uid-0", "node-a"),
+			"tok-ztunnel-a-gone": onNode(mk("istio-system", "ztunnel"), "ztunnel-a", "zt-uid-old", "node-a"),
+		}},
 	)
 	require.NoError(t, err)
 	audit := &syncBuffer{}
-	e, err := edge.New(edge.Edge{Service: service.ServiceLabel, Authenticator: chain, Metrics: em, Audit: edge.NewAuditor(audit)})
+	e, err := edge.New(edge.Edge{Service: service.ServiceLabel, Authenticator: chain, Impersonator: imp, Metrics: em, Audit: edge.NewAuditor(audit)})
 	require.NoError(t, err)
 	svc, err := service.New(service.Config{CA: core, Edge: e})
 	require.NoError(t, err)
@@ -444,7 +457,7 @@ func TestCreateCertificateClampsValidity(t *testing.T) {
 
 func TestCreateCertificateBackendOutage(t *testing.T) {
 	up := &switchableUpstream{state: catest.NewState(t, true, time.Now().Add(48*time.Hour))}
-	f := newFixtureWith(t, nil, up)
+	f := newFixtureWith(t, nil, up, nil)
 	key := catest.Key(t, "P-256")
 	req := &pb.IstioCertificateRequest{Csr: csrFor(t, key, nil, webID)}
 	up.down.Store(true)
