@@ -202,13 +202,16 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		JWKSFile: cfg.Authn.JWT.JWKSFile, JWKSURL: cfg.Authn.JWT.JWKSURL, Skew: cfg.Authn.JWT.Skew,
 		RefetchInterval: cfg.Authn.JWT.RefetchInterval, MaxReviewsInFlight: cfg.Authn.MaxReviewsInFlight,
 		Cache:                kube.CacheConfig{MaxTTL: cfg.Authn.Cache.MaxTTL, MaxEntries: cfg.Authn.Cache.MaxEntries},
-		CheckServiceAccounts: *cfg.Authn.CheckServiceAccounts,
+		CheckServiceAccounts: *cfg.Authn.CheckServiceAccounts, TrustedNodeAgents: cfg.Authn.TrustedNodeAgents,
 	}, kube.Deps{Client: client, Roots: s.trustBundle, Log: log, Registerer: s.reg})
 	if err != nil {
 		return nil, err
 	}
 	if s.authn.ServiceAccounts != nil {
 		s.runners["serviceaccounts"] = s.authn.ServiceAccounts
+	}
+	if s.authn.Pods != nil {
+		s.runners["pods"] = s.authn.Pods
 	}
 
 	// Serving certificate, gRPC and health.
@@ -239,14 +242,18 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		MaxInFlight: cfg.Admission.MaxInFlight, Queue: cfg.Admission.Queue, QueueWait: cfg.Admission.QueueWait,
 		Metrics: edge.NewAdmissionMetrics(s.reg),
 	})
-	istioEdge, err := edge.New(edge.Edge{
+	istioEdge := edge.Edge{
 		Service: service.ServiceLabel, Authenticator: s.authn.Chain, Metrics: edgeMetrics,
 		Audit: auditor, Log: log.With("component", "service"), Admission: admission,
-	})
+	}
+	if s.authn.Impersonation != nil { // a nil *NodeAuthorizer would be a non-nil Impersonator
+		istioEdge.Impersonator = s.authn.Impersonation
+	}
+	svcEdge, err := edge.New(istioEdge)
 	if err != nil {
 		return nil, err
 	}
-	svc, err := service.New(service.Config{CA: s.ca, Edge: istioEdge})
+	svc, err := service.New(service.Config{CA: s.ca, Edge: svcEdge})
 	if err != nil {
 		return nil, err
 	}
@@ -352,14 +359,23 @@ func (s *server) run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 }
 
 // readinessChecks are what meshca waits for before it is ready: the
-// service-account watch has synced, and the jwt authenticator holds its
-// issuer's keys. Until then /readyz says what is missing, so a wrong JWKS
+// service-account and pod watches have synced, and the jwt authenticator
+// holds its issuer's keys. Until then /readyz says what is missing, so a wrong JWKS
 // path or missing RBAC shows at once rather than as failed requests.
 func (s *server) readinessChecks() []check {
 	var checks []check
 	if sa := s.authn.ServiceAccounts; sa != nil {
 		checks = append(checks, check{"service-account watch", func(context.Context) error {
 			if !sa.HasSynced() {
+				return errors.New("not synced yet")
+			}
+			return nil
+		}})
+	}
+	if pods := s.authn.Pods; pods != nil {
+		// Until then every impersonation (ztunnel) would be Unavailable.
+		checks = append(checks, check{"pod watch", func(context.Context) error {
+			if !pods.HasSynced() {
 				return errors.New("not synced yet")
 			}
 			return nil

@@ -12,10 +12,13 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/meshca/meshca/authn"
 	"github.com/meshca/meshca/authn/kube"
 	"github.com/meshca/meshca/backends"
 )
@@ -99,8 +102,14 @@ type Authn struct {
 	// exists (or was re-created), using a watch on ServiceAccounts. Default
 	// true unless in dev mode.
 	CheckServiceAccounts *bool `yaml:"checkServiceAccounts"`
-	JWT                  JWT   `yaml:"jwt"`
-	Cache                Cache `yaml:"cache"`
+	// TrustedNodeAgents lists the service accounts, "namespace/name", of
+	// the node agents (ztunnel) that may ask, with CreateCertificate's
+	// ImpersonatedIdentity, for certificates of the workloads on their
+	// node. Non-empty, meshca watches Pods. Default
+	// [istio-system/ztunnel] unless in dev mode; [] turns it off.
+	TrustedNodeAgents []string `yaml:"trustedNodeAgents"`
+	JWT               JWT      `yaml:"jwt"`
+	Cache             Cache    `yaml:"cache"`
 }
 
 // JWT configures local verification of service-account tokens.
@@ -263,6 +272,13 @@ func (c *Config) applyDefaults() {
 		v := !c.Dev.Enabled
 		c.Authn.CheckServiceAccounts = &v
 	}
+	if c.Authn.TrustedNodeAgents == nil {
+		// Dev mode has no cluster whose pods could be watched.
+		c.Authn.TrustedNodeAgents = []string{}
+		if !c.Dev.Enabled {
+			c.Authn.TrustedNodeAgents = []string{DefaultNodeAgent}
+		}
+	}
 	defDur(&c.Authn.JWT.Skew, 30*time.Second)
 	defDur(&c.Authn.JWT.RefetchInterval, 10*time.Second)
 	defDur(&c.Authn.Cache.MaxTTL, 5*time.Minute)
@@ -375,6 +391,14 @@ func (c *Config) Validate() error {
 	if c.Authn.MaxReviewsInFlight < 0 {
 		bad("authn.maxReviewsInFlight", "must not be negative")
 	}
+	for i, a := range c.Authn.TrustedNodeAgents {
+		path := fmt.Sprintf("authn.trustedNodeAgents[%d]", i)
+		if err := validNodeAgent(a); err != nil {
+			bad(path, "%v", err)
+		} else if slices.Index(c.Authn.TrustedNodeAgents, a) != i {
+			bad(path, "%q is listed twice", a)
+		}
+	}
 	if c.Authn.JWT.JWKSFile != "" && c.Authn.JWT.JWKSURL != "" {
 		bad("authn.jwt", "set jwksFile or jwksURL, not both")
 	}
@@ -438,7 +462,27 @@ func (c *Config) Validate() error {
 // NeedsKube reports whether the configuration talks to a kube-apiserver.
 func (c *Config) NeedsKube() bool {
 	jwtNeeds := slices.Contains(c.Authn.Chain, AuthJWT) && c.Authn.JWT.JWKSFile == "" && c.Authn.JWT.JWKSURL == ""
-	return slices.Contains(c.Authn.Chain, AuthTokenReview) || jwtNeeds || *c.Authn.CheckServiceAccounts
+	return slices.Contains(c.Authn.Chain, AuthTokenReview) || jwtNeeds || *c.Authn.CheckServiceAccounts ||
+		len(c.Authn.TrustedNodeAgents) > 0
+}
+
+// DefaultNodeAgent is authn.trustedNodeAgents' default: Istio's ztunnel.
+const DefaultNodeAgent = "istio-system/ztunnel"
+
+// validNodeAgent checks a trusted node agent: namespace/serviceaccount,
+// each a name Kubernetes accepts.
+func validNodeAgent(s string) error {
+	n, err := authn.ParseServiceAccountName(s)
+	if err != nil {
+		return err
+	}
+	if errs := validation.IsDNS1123Label(n.Namespace); len(errs) > 0 {
+		return fmt.Errorf("%q: namespace %q: %s", s, n.Namespace, strings.Join(errs, "; "))
+	}
+	if errs := validation.IsDNS1123Subdomain(n.Name); len(errs) > 0 {
+		return fmt.Errorf("%q: service account %q: %s", s, n.Name, strings.Join(errs, "; "))
+	}
+	return nil
 }
 
 // Parse decodes, defaults and validates a configuration.

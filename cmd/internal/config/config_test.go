@@ -48,6 +48,7 @@ func TestParseDefaultsAndValidation(t *testing.T) {
 	require.Equal(t, []string{AuthClientCert, AuthTokenReview}, c.Authn.Chain)
 	require.Equal(t, []string{"istio-ca"}, c.Authn.Audiences)
 	require.True(t, *c.Authn.CheckServiceAccounts)
+	require.Equal(t, []string{"istio-system/ztunnel"}, c.Authn.TrustedNodeAgents)
 	require.Equal(t, "selfsigned", c.Backend.Type)
 	require.True(t, c.NeedsKube())
 
@@ -71,6 +72,11 @@ func TestParseDefaultsAndValidation(t *testing.T) {
 		{"request timeout too short", "server:\n  requestTimeout: 1ms\n", []string{"server.requestTimeout: must be at least 1s"}},
 		{"sds limits", "sds:\n  maxStreams: -1\n  recheckInterval: 1ms\n", []string{"sds.maxStreams: must be at least 1", "sds.recheckInterval: must be at least 1s"}},
 		{"admission rates", "admission:\n  peerRate: -5\n  queueWait: 2m\n", []string{"admission: peerRate and identityRate must be positive", "admission.queueWait: must be between 1ms and 1m"}},
+		{"node agent without namespace", "authn:\n  trustedNodeAgents: [ztunnel]\n", []string{`authn.trustedNodeAgents[0]: "ztunnel": want namespace/serviceaccount`}},
+		{"node agent with a bad namespace", "authn:\n  trustedNodeAgents: [istio-system/ztunnel, Istio_System/ztunnel]\n",
+			[]string{`authn.trustedNodeAgents[1]: "Istio_System/ztunnel": namespace "Istio_System"`}},
+		{"node agent with a bad name", "authn:\n  trustedNodeAgents: [istio-system/ZT]\n", []string{`authn.trustedNodeAgents[0]: "istio-system/ZT": service account "ZT"`}},
+		{"node agent listed twice", "authn:\n  trustedNodeAgents: [a/b, a/b]\n", []string{`authn.trustedNodeAgents[1]: "a/b" is listed twice`}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -89,6 +95,26 @@ func TestDevConfig(t *testing.T) {
 	require.True(t, c.Dev.Enabled)
 	require.False(t, c.NeedsKube(), "dev mode runs without a cluster")
 	require.Equal(t, "127.0.0.1:15012", c.Server.GRPCAddress)
+	require.Empty(t, c.Authn.TrustedNodeAgents, "no cluster, no pods to watch")
+}
+
+func TestTrustedNodeAgents(t *testing.T) {
+	// [] turns impersonation off; with nothing else needing the cluster,
+	// meshca then runs without one.
+	off := "authn:\n  chain: [jwt]\n  checkServiceAccounts: false\n  trustedNodeAgents: []\n  issuer: https://i.example\n  jwt:\n    jwksFile: /k.json\n"
+	c, err := Parse([]byte(off))
+	require.NoError(t, err)
+	require.Empty(t, c.Authn.TrustedNodeAgents)
+	require.False(t, c.NeedsKube())
+	// Left unset, the default (ztunnel) needs the pod watch.
+	c, err = Parse([]byte(strings.Replace(off, "  trustedNodeAgents: []\n", "", 1)))
+	require.NoError(t, err)
+	require.Equal(t, []string{DefaultNodeAgent}, c.Authn.TrustedNodeAgents)
+	require.True(t, c.NeedsKube())
+	// Dev mode has no default agent; it may still list one.
+	c, err = Parse([]byte("dev:\n  enabled: true\nauthn:\n  trustedNodeAgents: [mesh/agent]\n"))
+	require.NoError(t, err)
+	require.Equal(t, []string{"mesh/agent"}, c.Authn.TrustedNodeAgents)
 }
 
 func TestParsePolicyStrict(t *testing.T) {
