@@ -63,6 +63,7 @@ type variant struct {
 	replicas      int32
 	tokenReview   bool // the system:auth-delegator binding exists
 	watchSAs      bool // list/watch on serviceaccounts is granted
+	watchPods     bool // list/watch on pods is granted (authn.trustedNodeAgents)
 	dnsNames      []string
 
 	// explain is a NAMESPACE/SA for `meshca policy explain`, and
@@ -73,13 +74,13 @@ type variant struct {
 var variants = []variant{
 	{
 		name: "defaults", namespace: "istio-system",
-		backend: "selfsigned", replicas: 1, tokenReview: true, watchSAs: true,
+		backend: "selfsigned", replicas: 1, tokenReview: true, watchSAs: true, watchPods: true,
 		dnsNames: []string{"meshca.istio-system.svc", "meshca.istio-system.svc.cluster.local"},
 		explain:  "default/app", wantSource: "built-in",
 	},
 	{
 		name: "plugged", values: "plugged.yaml", namespace: "mesh-plugged",
-		backend: "plugged", cacertsSecret: "istio-cacerts", replicas: 2, tokenReview: true, watchSAs: true,
+		backend: "plugged", cacertsSecret: "istio-cacerts", replicas: 2, tokenReview: true, watchSAs: true, watchPods: true,
 		dnsNames: []string{"meshca.mesh-plugged.svc", "meshca.mesh-plugged.svc.cluster.local"},
 		explain:  "payments/ledger", wantSource: "serviceAccounts.payments/ledger",
 	},
@@ -502,18 +503,24 @@ func checkObjects(t *testing.T, objs objects, v variant) {
 		bound[b.RoleRef.Name] = true
 	}
 	require.Equal(t, v.tokenReview, bound["system:auth-delegator"], "ClusterRoleBinding to system:auth-delegator (TokenReview)")
-	var saWatch bool
+	var saWatch, podWatch bool
 	for _, u := range objs.ofKind("ClusterRole") {
 		r := convert[rbacv1.ClusterRole](t, u)
 		require.True(t, bound[r.Name], "ClusterRole %s is not bound", r.Name)
 		for _, rule := range r.Rules {
-			if slices.Contains(rule.Resources, "serviceaccounts") && slices.Contains(rule.Verbs, "list") && slices.Contains(rule.Verbs, "watch") {
+			listWatch := slices.Contains(rule.Verbs, "list") && slices.Contains(rule.Verbs, "watch")
+			if slices.Contains(rule.Resources, "serviceaccounts") && listWatch {
 				saWatch = true
+			}
+			if slices.Contains(rule.Resources, "pods") && listWatch {
+				podWatch = true
 			}
 		}
 	}
 	require.Equal(t, v.watchSAs, saWatch, "list/watch on serviceaccounts (authn.checkServiceAccounts)")
 	require.Equal(t, v.watchSAs, lookup(t, cfg, "authn", "checkServiceAccounts"))
+	require.Equal(t, v.watchPods, podWatch, "list/watch on pods (authn.trustedNodeAgents)")
+	require.Equal(t, v.watchPods, len(lookup(t, cfg, "authn", "trustedNodeAgents").([]any)) > 0)
 
 	// A disruption budget only where there is something to keep up.
 	pdbs := objs.ofKind("PodDisruptionBudget")

@@ -64,6 +64,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+meshca.trustedNodeAgents is authn.trustedNodeAgents with meshca's default
+applied, as JSON: the chart grants list/watch on pods when it is not empty.
+*/}}
+{{- define "meshca.trustedNodeAgents" -}}
+{{- $a := .Values.config.authn | default dict -}}
+{{- if kindIs "invalid" $a.trustedNodeAgents -}}
+{{- list "istio-system/ztunnel" | toJson -}}
+{{- else -}}
+{{- $a.trustedNodeAgents | toJson -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "meshca.checkServiceAccounts" -}}
 {{- $a := .Values.config.authn | default dict -}}
 {{- if kindIs "invalid" $a.checkServiceAccounts -}}true{{- else -}}{{ $a.checkServiceAccounts }}{{- end -}}
