@@ -361,7 +361,7 @@ func TestConfigErrors(t *testing.T) {
 // once the file appears, without a restart.
 func TestReadinessWaitsForKeys(t *testing.T) {
 	jwks := filepath.Join(t.TempDir(), "jwks.json")
-	m := launchMeshca(t, fmt.Sprintf("authn:\n  chain: [jwt]\n  checkServiceAccounts: false\n  issuer: https://issuer.invalid\n  jwt:\n    jwksFile: %s\n    refetchInterval: 1s\n", jwks))
+	m := launchMeshca(t, fmt.Sprintf("authn:\n  chain: [jwt]\n  checkServiceAccounts: false\n  trustedNodeAgents: []\n  issuer: https://issuer.invalid\n  jwt:\n    jwksFile: %s\n    refetchInterval: 1s\n", jwks))
 	require.Eventually(t, func() bool {
 		code, body := m.readyz()
 		return code == http.StatusServiceUnavailable && strings.Contains(body, "jwt keys")

@@ -127,12 +127,16 @@ func meshcaKubeconfig(t *testing.T) string {
 	ctx := t.Context()
 	env.CreateServiceAccount(t, "istio-system", "meshca")
 	subject := []rbacv1.Subject{{Kind: "ServiceAccount", Name: "meshca", Namespace: "istio-system"}}
-	_, err := env.Client.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{
-		ObjectMeta: metav1.ObjectMeta{Name: "meshca-serviceaccounts"},
-		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"serviceaccounts"}, Verbs: []string{"list", "watch"}}},
-	}, metav1.CreateOptions{})
-	require.NoError(t, err)
-	for _, role := range []string{"system:auth-delegator", "system:service-account-issuer-discovery", "meshca-serviceaccounts"} {
+	// The chart's roles: the service-account watch, and the pod watch of
+	// the node authorizer (authn.trustedNodeAgents, on by default).
+	for _, resource := range []string{"serviceaccounts", "pods"} {
+		_, err := env.Client.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{
+			ObjectMeta: metav1.ObjectMeta{Name: "meshca-" + resource},
+			Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{resource}, Verbs: []string{"list", "watch"}}},
+		}, metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
+	for _, role := range []string{"system:auth-delegator", "system:service-account-issuer-discovery", "meshca-serviceaccounts", "meshca-pods"} {
 		_, err := env.Client.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
 			ObjectMeta: metav1.ObjectMeta{Name: "meshca-" + strings.ReplaceAll(role, ":", "-")},
 			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role},
