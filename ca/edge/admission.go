@@ -32,9 +32,11 @@ type AdmissionConfig struct {
 	// and 10,000.
 	IdentityRate  float64
 	IdentityBurst int
-	// MaxInFlight bounds issuances running at once; Queue bounds those
-	// waiting for a slot, and QueueWait how long one waits. Defaults
-	// 4 × GOMAXPROCS, 512 and 1s.
+	// MaxInFlight bounds requests being authenticated and issued at once
+	// (a TokenReview or an upstream signer waits on the network while
+	// holding a slot, hence the margin over the CPU count); Queue bounds
+	// those waiting for a slot, and QueueWait how long one waits. Defaults
+	// 16 × GOMAXPROCS, 512 and 1s.
 	MaxInFlight int
 	Queue       int
 	QueueWait   time.Duration
@@ -153,7 +155,7 @@ func NewAdmission(cfg AdmissionConfig) *Admission {
 		cfg.IdentityBurst = 10000
 	}
 	if cfg.MaxInFlight <= 0 {
-		cfg.MaxInFlight = 4 * runtime.GOMAXPROCS(0)
+		cfg.MaxInFlight = 16 * runtime.GOMAXPROCS(0)
 	}
 	if cfg.Queue <= 0 {
 		cfg.Queue = 512

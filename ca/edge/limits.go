@@ -12,7 +12,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/tap"
 )
@@ -108,7 +107,8 @@ func (l Limits) ServerOptions() []grpc.ServerOption {
 		}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.InTapHandle(w.tap),
-		grpc.StatsHandler(w),
+		grpc.ChainUnaryInterceptor(w.unary),
+		grpc.ChainStreamInterceptor(w.stream),
 	}
 }
 
@@ -148,22 +148,36 @@ func (f *firstMessage) tap(ctx context.Context, _ *tap.Info) (context.Context, e
 	return context.WithValue(ctx, waitKey{}, w), nil
 }
 
-// TagRPC implements stats.Handler.
-func (f *firstMessage) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
-
-// HandleRPC implements stats.Handler: the first message stops the timer,
-// and so does the end of the stream.
-func (f *firstMessage) HandleRPC(ctx context.Context, s stats.RPCStats) {
-	switch s.(type) {
-	case *stats.InPayload, *stats.End:
-		if w, ok := ctx.Value(waitKey{}).(*wait); ok {
-			w.once.Do(func() { w.timer.Stop() })
-		}
+// stop ends ctx's wait for its first message.
+func stop(ctx context.Context) {
+	if w, ok := ctx.Value(waitKey{}).(*wait); ok {
+		w.once.Do(func() { w.timer.Stop() })
 	}
 }
 
-// TagConn implements stats.Handler.
-func (f *firstMessage) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+// unary runs once a unary call's request has arrived: the wait is over.
+func (f *firstMessage) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	stop(ctx)
+	return h(ctx, req)
+}
 
-// HandleConn implements stats.Handler.
-func (f *firstMessage) HandleConn(context.Context, stats.ConnStats) {}
+// stream ends the wait at the stream's first message (or its end).
+func (f *firstMessage) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	defer stop(ss.Context())
+	return h(srv, &firstRecv{ServerStream: ss})
+}
+
+// firstRecv stops the wait when its first message is received.
+type firstRecv struct {
+	grpc.ServerStream
+	done bool
+}
+
+func (r *firstRecv) RecvMsg(m any) error {
+	err := r.ServerStream.RecvMsg(m)
+	if !r.done && err == nil {
+		r.done = true
+		stop(r.Context())
+	}
+	return err
+}

@@ -173,7 +173,7 @@ type Admission struct {
 	// IdentityRate and IdentityBurst bound requests per identity.
 	IdentityRate  float64 `yaml:"identityRate"`
 	IdentityBurst int     `yaml:"identityBurst"`
-	// MaxInFlight bounds issuances at once (0: 4 × CPUs); Queue bounds
+	// MaxInFlight bounds issuances at once (0: 16 × CPUs); Queue bounds
 	// those waiting, QueueWait how long each may wait.
 	MaxInFlight int           `yaml:"maxInFlight"`
 	Queue       int           `yaml:"queue"`
