@@ -111,6 +111,10 @@ type SignRequest struct {
 	// CSR is the parsed, signature-checked request. Its public key becomes
 	// the leaf's key; its other fields are ignored in favour of those below.
 	CSR *x509.CertificateRequest
+	// SPKI, if set, is the canonical DER encoding of CSR.PublicKey, which
+	// the caller has checked (ParseCSR refuses any other); else the signer
+	// encodes the key itself. The request's own bytes are never copied.
+	SPKI []byte
 	// ID is the leaf's one URI SAN; the zero ID means none.
 	ID spiffeid.ID
 	// DNSNames and IPAddresses are only used for meshca's own serving

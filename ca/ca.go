@@ -365,7 +365,10 @@ func (c *CA) issue(ctx context.Context, caller *authn.Caller, rule Effective, cs
 	}
 	now := c.now()
 	resp, err := c.Sign(ctx, SignRequest{
-		CSR:       csr,
+		CSR: csr,
+		// ParseCSR refused a key not in canonical DER, and IssueKey made
+		// its encoding: either way these are the canonical bytes.
+		SPKI:      csr.RawSubjectPublicKeyInfo,
 		ID:        caller.ID,
 		NotBefore: now.Add(-c.backdate),
 		NotAfter:  now.Add(ttl),

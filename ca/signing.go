@@ -265,9 +265,11 @@ func (s *SigningCA) Sign(req SignRequest) (*SignResponse, error) {
 	}
 	// The key is re-encoded, never copied: a request's own encoding may
 	// carry bytes Go's parser tolerates and other parsers refuse.
-	spki, err := x509.MarshalPKIXPublicKey(csr.PublicKey)
-	if err != nil {
-		return nil, fmt.Errorf("sign leaf: encode public key: %w: %w", err, ErrInvalidSignRequest)
+	spki := req.SPKI
+	if spki == nil {
+		if spki, err = x509.MarshalPKIXPublicKey(csr.PublicKey); err != nil {
+			return nil, fmt.Errorf("sign leaf: encode public key: %w: %w", err, ErrInvalidSignRequest)
+		}
 	}
 	tbs, err := s.enc.TBS(x509enc.Leaf{
 		Serial: serial, NotBefore: notBefore, NotAfter: notAfter,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"runtime"
 	"sync"
 	"time"
@@ -138,6 +139,10 @@ type Admission struct {
 	// then is a renewal.
 	issuedMu sync.Mutex
 	issued   map[string]time.Time
+	// subjects remembers what each token (by hash) names, so that a token
+	// seen before is not decoded again.
+	seed     maphash.Seed
+	subjects map[uint64]string
 }
 
 // NewAdmission returns an Admission with cfg's defaults filled in.
@@ -172,7 +177,27 @@ func NewAdmission(cfg AdmissionConfig) *Admission {
 	return &Admission{cfg: cfg,
 		peers:  newLimiters(rate.Limit(cfg.PeerRate), cfg.PeerBurst, cfg.MaxKeys),
 		ids:    newLimiters(rate.Limit(cfg.IdentityRate), cfg.IdentityBurst, cfg.MaxKeys),
-		issued: map[string]time.Time{}}
+		issued: map[string]time.Time{}, seed: maphash.MakeSeed(), subjects: map[uint64]string{}}
+}
+
+// subject is what token names for renewal keys (see unverifiedPod),
+// remembered by the token's hash. A collision only misorders a request.
+func (a *Admission) subject(token string) string {
+	h := maphash.String(a.seed, token)
+	a.issuedMu.Lock()
+	s, ok := a.subjects[h]
+	a.issuedMu.Unlock()
+	if ok {
+		return s
+	}
+	s = unverifiedPod(token)
+	a.issuedMu.Lock()
+	if len(a.subjects) >= a.cfg.MaxKeys {
+		a.subjects = map[uint64]string{}
+	}
+	a.subjects[h] = s
+	a.issuedMu.Unlock()
+	return s
 }
 
 // recent reports whether key holds a certificate it was issued.

@@ -189,7 +189,7 @@ func (c *Call) Admit(ctx context.Context) (release func(), err error) {
 	case creds.Token == "" && len(creds.PeerCertificates) > 0:
 		c.priority = PriorityRenewal
 	case creds.Token != "":
-		if key := renewalKey(unverifiedPod(creds.Token), host); key != "" && a.recent(key) {
+		if key := renewalKey(a.subject(creds.Token), host); key != "" && a.recent(key) {
 			c.priority = PriorityRenewal
 		}
 	}
