@@ -53,8 +53,12 @@ fuzz: ## run every fuzz target for FUZZTIME each (default 30s), from its seed co
 	done
 
 .PHONY: bench
-bench: build ## load-test a local meshca at concurrency 1, 8 and 64 (certs/s, latency, server CPU and RSS)
+bench: build ## load-test a local meshca at concurrency 1, 8 and 64, one connection per client (certs/s, latency, server CPU and RSS)
 	test/bench.sh
+
+.PHONY: bench-storm
+bench-storm: build ## storms of 250 and 1000 new TLS connections at once, one CSR each (handshakes/s, certs/s)
+	BENCH_ARGS="--storm 250,1000" test/bench.sh
 
 .PHONY: bench-1m
 bench-1m: build ## issue 1,000,000 certificates at concurrency 64, then report server RSS

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Starts bin/meshca in dev mode in a scratch folder, drives it with
-# `meshctl bench` (pre-generated P-256 CSRs, reused TLS connections, tokens
-# verified by the local JWKS authenticator), and stops it.
-# Extra meshctl bench flags: BENCH_ARGS="--concurrency 64 --duration 30s".
+# `meshctl bench` (pre-generated P-256 CSRs, one reused TLS connection per
+# concurrent client, tokens verified by the local JWKS authenticator), and
+# stops it.
+# Extra meshctl bench flags: BENCH_ARGS="--concurrency 64 --duration 30s",
+# or BENCH_ARGS="--storm 250,1000" for bursts of new connections.
 # PROFILE=N takes a 10s server CPU profile N seconds after the load starts.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

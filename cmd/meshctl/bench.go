@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -19,12 +20,15 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	pb "istio.io/api/security/v1alpha1"
 )
 
 // benchCmd drives a running meshca (in dev mode, so it can mint tokens)
-// with pre-generated P-256 CSRs over reused TLS connections, and reads
-// the server's own CPU and memory from its /metrics.
+// with pre-generated P-256 CSRs, and reads the server's own CPU and memory
+// from its /metrics. By default every concurrent client has its own TLS
+// connection, as every proxy has its own; --storm instead opens N new
+// connections at once, one CSR each, as when all the pods of a node start.
 func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("meshctl bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -33,32 +37,38 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cfgPath := fs.String("config", "", "meshca configuration, for the dev token key (default: embedded dev config)")
 	levels := fs.String("concurrency", "1,8,64", "comma-separated concurrency levels")
 	duration := fs.Duration("duration", 10*time.Second, "measured time per level")
-	warmup := fs.Duration("warmup", 2*time.Second, "unmeasured time before each level")
+	warmup := fs.Duration("warmup", 2*time.Second, "unmeasured time before each level (with --storm: 0 skips the unmeasured warm-up storm)")
 	requests := fs.Int("requests", 0, "stop each level after this many requests instead of --duration")
-	conns := fs.Int("conns", 4, "gRPC connections, shared round-robin by the workers")
+	conns := fs.Int("conns", 0, "gRPC connections, shared round-robin by the workers (0 = one per worker, as each proxy has its own)")
+	storm := fs.String("storm", "", "comma-separated storm sizes: N new TLS connections at once, one CSR each (replaces --concurrency)")
 	identities := fs.Int("identities", 64, "distinct service accounts (each with its own token and CSR)")
-	metricsURL := fs.String("metrics", "http://127.0.0.1:15014/metrics", "meshca's /metrics, for server CPU and RSS ('' to skip)")
+	metricsURL := fs.String("metrics", "http://127.0.0.1:15014/metrics", "the server's /metrics, for server CPU and RSS ('' to skip)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var cs []int
-	for _, f := range strings.Split(*levels, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return fmt.Errorf("--concurrency: %q is not a positive number", f)
-		}
-		cs = append(cs, n)
+	cs, err := positiveList("--concurrency", *levels)
+	if err != nil {
+		return err
 	}
-	if *conns < 1 || *identities < 1 {
-		return errors.New("--conns and --identities must be at least 1")
+	var storms []int
+	if *storm != "" {
+		if storms, err = positiveList("--storm", *storm); err != nil {
+			return err
+		}
+	}
+	if *conns < 0 || *identities < 1 {
+		return errors.New("--conns must be at least 0 and --identities at least 1")
 	}
 
+	mint, err := devMinter(*cfgPath)
+	if err != nil {
+		return err
+	}
 	fmt.Fprintf(stderr, "preparing %d identities (token + P-256 CSR each)...\n", *identities)
-	type ident struct{ token, csr string }
-	ids := make([]ident, *identities)
+	ids := make([]benchIdent, *identities)
 	for i := range ids {
 		sa := fmt.Sprintf("bench-%d", i)
-		tok, err := mintDevToken(*cfgPath, "bench", sa, "", 2*time.Hour)
+		tok, err := mint("bench", sa, "", 2*time.Hour)
 		if err != nil {
 			return err
 		}
@@ -68,24 +78,64 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {
-			return err
+			return fmt.Errorf("generate CSR key: %w", err)
 		}
 		csr, err := makeCSR(key, id)
 		if err != nil {
 			return err
 		}
-		ids[i] = ident{token: tok, csr: string(csr)}
+		ids[i] = benchIdent{sa: sa, token: tok, csr: string(csr)}
 	}
-	clients := make([]pb.IstioCertificateServiceClient, *conns)
-	for i := range clients {
-		conn, err := dial(*addr, *caCert)
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		clients[i] = pb.NewIstioCertificateServiceClient(conn)
+	b := &bench{
+		addr: *addr, caCert: *caCert, metricsURL: *metricsURL,
+		ids: ids, mint: mint, stdout: stdout, stderr: stderr,
 	}
+	if storms != nil {
+		return b.storms(ctx, storms, *warmup)
+	}
+	return b.levels(ctx, cs, *conns, *duration, *warmup, *requests)
+}
 
+type benchIdent struct{ sa, token, csr string }
+
+type bench struct {
+	addr, caCert, metricsURL string
+	ids                      []benchIdent
+	mint                     func(ns, sa, pod string, ttl time.Duration) (string, error)
+	stdout, stderr           io.Writer
+}
+
+func positiveList(flagName, list string) ([]int, error) {
+	var ns []int
+	for _, f := range strings.Split(list, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%s: %q is not a positive number", flagName, f)
+		}
+		ns = append(ns, n)
+	}
+	return ns, nil
+}
+
+// levels runs each concurrency level for duration (or requests) after an
+// unmeasured warmup. With conns 0 every worker has its own connection,
+// opened in the warm-up of the first level that needs it and reused by the
+// levels after; otherwise the workers share conns connections round-robin.
+func (b *bench) levels(ctx context.Context, cs []int, conns int, duration, warmup time.Duration, requests int) error {
+	if conns == 0 {
+		fmt.Fprintln(b.stderr, "connections: one per concurrent client")
+	} else {
+		fmt.Fprintf(b.stderr, "connections: %d, shared round-robin by the clients\n", conns)
+	}
+	var (
+		clients []pb.IstioCertificateServiceClient
+		open    []*grpc.ClientConn
+	)
+	defer func() {
+		for _, c := range open {
+			_ = c.Close()
+		}
+	}()
 	// A worker that sees maxErrorStreak failures in a row stops the run:
 	// a bench against a server that refuses everything measures nothing.
 	const maxErrorStreak = 100
@@ -94,8 +144,20 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		lastErr atomic.Value
 	)
 	const row = "%11s %9s %9s %9s %9s %16s %11s %7s\n"
-	fmt.Fprintf(stdout, row, "concurrency", "certs/s", "p50", "p90", "p99", "server CPU/cert", "server RSS", "errors")
+	fmt.Fprintf(b.stdout, row, "concurrency", "certs/s", "p50", "p90", "p99", "server CPU/cert", "server RSS", "errors")
 	for _, c := range cs {
+		want := conns
+		if want == 0 {
+			want = c
+		}
+		for len(clients) < want {
+			conn, err := dial(b.addr, b.caCert)
+			if err != nil {
+				return err
+			}
+			open = append(open, conn)
+			clients = append(clients, pb.NewIstioCertificateServiceClient(conn))
+		}
 		run := func(d time.Duration, limit int, record bool) (n int, errs int64, lat []time.Duration) {
 			var (
 				mu      sync.Mutex
@@ -108,7 +170,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					cl := clients[w%len(clients)]
+					cl := clients[w%want]
 					local := make([]time.Duration, 0, 4096)
 					streak := 0
 					for i := w; !abort.Load(); i += c {
@@ -119,7 +181,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 						} else if time.Now().After(deadline) {
 							break
 						}
-						id := ids[i%len(ids)]
+						id := b.ids[i%len(b.ids)]
 						t0 := time.Now()
 						cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 						_, err := cl.CreateCertificate(withToken(cctx, id.token), &pb.IstioCertificateRequest{Csr: id.csr}, grpc.WaitForReady(true))
@@ -147,18 +209,18 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			wg.Wait()
 			return len(lat), failed.Load(), lat
 		}
-		run(*warmup, 0, false)
+		run(warmup, 0, false)
 		if abort.Load() {
 			return fmt.Errorf("stopped after %d failed requests in a row; last: %v", maxErrorStreak, lastErr.Load())
 		}
-		before, err := scrape(*metricsURL)
+		before, err := scrape(b.metricsURL)
 		if err != nil {
 			return err
 		}
 		t0 := time.Now()
-		n, errs, lat := run(*duration, *requests, true)
+		n, errs, lat := run(duration, requests, true)
 		elapsed := time.Since(t0)
-		after, err := scrape(*metricsURL)
+		after, err := scrape(b.metricsURL)
 		if err != nil {
 			return err
 		}
@@ -169,18 +231,149 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return fmt.Errorf("stopped after %d failed requests in a row; last: %v", maxErrorStreak, lastErr.Load())
 		}
 		slices.Sort(lat)
-		cpu, rss := "n/a", "n/a"
-		if *metricsURL != "" {
-			okCerts := after.ok - before.ok
-			if okCerts > 0 {
-				cpu = fmt.Sprintf("%.0f µs", (after.cpu-before.cpu)/okCerts*1e6)
-			}
-			rss = fmt.Sprintf("%.0f MiB", after.rss/(1<<20))
-		}
-		fmt.Fprintf(stdout, row, strconv.Itoa(c), fmt.Sprintf("%.0f", float64(n)/elapsed.Seconds()),
+		cpu, rss := serverUse(b.metricsURL, before, after)
+		fmt.Fprintf(b.stdout, row, strconv.Itoa(c), fmt.Sprintf("%.0f", float64(n)/elapsed.Seconds()),
 			pct(lat, 0.50), pct(lat, 0.90), pct(lat, 0.99), cpu, rss, strconv.FormatInt(errs, 10))
 	}
 	return nil
+}
+
+// storms opens, for each size n, n new TLS connections at once, each
+// sending one CSR with a token of its own (a new pod's token, which no
+// server cache has seen), and keeps them open until all are answered, as
+// the proxies of a node whose pods all start together do. Latencies count
+// from the start of the storm: the handshake's when its TLS handshake
+// completed, the certificate's when its answer arrived.
+func (b *bench) storms(ctx context.Context, sizes []int, warmup time.Duration) error {
+	creds, err := clientCreds(b.addr, b.caCert)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(b.stderr, "storm: each connection is new (no TLS session to resume) and sends one CSR with a new pod's token")
+	const row = "%6s %13s %9s %14s %14s %9s %9s %16s %11s %7s\n"
+	if warmup > 0 {
+		if _, err := b.storm(ctx, creds, min(64, slices.Max(sizes)), "warmup"); err != nil {
+			return fmt.Errorf("warm-up storm: %w", err)
+		}
+	}
+	fmt.Fprintf(b.stdout, row, "conns", "handshakes/s", "certs/s", "handshake p50", "handshake p99", "cert p50", "cert p99", "server CPU/cert", "server RSS", "errors")
+	for k, n := range sizes {
+		before, err := scrape(b.metricsURL)
+		if err != nil {
+			return err
+		}
+		r, err := b.storm(ctx, creds, n, strconv.Itoa(k))
+		if err != nil {
+			return err
+		}
+		after, err := scrape(b.metricsURL)
+		if err != nil {
+			return err
+		}
+		cpu, rss := serverUse(b.metricsURL, before, after)
+		fmt.Fprintf(b.stdout, row, strconv.Itoa(n), rate(len(r.handshakes), r.handshakes), rate(len(r.certs), r.certs),
+			pct(r.handshakes, 0.50), pct(r.handshakes, 0.99), pct(r.certs, 0.50), pct(r.certs, 0.99),
+			cpu, rss, strconv.Itoa(r.errors))
+	}
+	return nil
+}
+
+// rate is n events over the time the last of them took (sorted holds the
+// times since the start), per second.
+func rate(n int, sorted []time.Duration) string {
+	if n == 0 || sorted[len(sorted)-1] <= 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f", float64(n)/sorted[len(sorted)-1].Seconds())
+}
+
+type stormResult struct {
+	handshakes, certs []time.Duration // since the storm's start, sorted
+	errors            int
+}
+
+func (b *bench) storm(ctx context.Context, creds credentials.TransportCredentials, n int, name string) (stormResult, error) {
+	// Tokens are minted before the clock starts; each names its own pod, so
+	// that no server has it cached, as with a pod that has just started.
+	toks := make([]string, n)
+	for i := range toks {
+		id := b.ids[i%len(b.ids)]
+		tok, err := b.mint("bench", id.sa, fmt.Sprintf("storm-%s-%d-%d", name, time.Now().UnixNano(), i), 2*time.Hour)
+		if err != nil {
+			return stormResult{}, err
+		}
+		toks[i] = tok
+	}
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		res     stormResult
+		lastErr error
+		conns   = make([]*grpc.ClientConn, n)
+	)
+	start := time.Now()
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var handshake atomic.Int64
+			conn, err := grpc.NewClient(b.addr, grpc.WithTransportCredentials(timedCreds{creds, func() {
+				handshake.CompareAndSwap(0, int64(time.Since(start)))
+			}}))
+			if err == nil {
+				conns[i] = conn
+				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				_, err = pb.NewIstioCertificateServiceClient(conn).CreateCertificate(withToken(cctx, toks[i]),
+					&pb.IstioCertificateRequest{Csr: b.ids[i%len(b.ids)].csr}, grpc.WaitForReady(true))
+				cancel()
+			}
+			took := time.Since(start)
+			mu.Lock()
+			defer mu.Unlock()
+			if h := handshake.Load(); h > 0 {
+				res.handshakes = append(res.handshakes, time.Duration(h))
+			}
+			if err != nil {
+				res.errors++
+				lastErr = err
+				return
+			}
+			res.certs = append(res.certs, took)
+		}()
+	}
+	wg.Wait()
+	for _, c := range conns {
+		if c != nil {
+			_ = c.Close()
+		}
+	}
+	if ctx.Err() != nil {
+		return res, ctx.Err()
+	}
+	if len(res.certs) == 0 {
+		return res, fmt.Errorf("storm of %d: every request failed; last: %w", n, lastErr)
+	}
+	slices.Sort(res.handshakes)
+	slices.Sort(res.certs)
+	return res, nil
+}
+
+// timedCreds calls done when a client TLS handshake completes.
+type timedCreds struct {
+	credentials.TransportCredentials
+	done func()
+}
+
+func (c timedCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, info, err := c.TransportCredentials.ClientHandshake(ctx, authority, raw)
+	if err == nil {
+		c.done()
+	}
+	return conn, info, err
+}
+
+func (c timedCreds) Clone() credentials.TransportCredentials {
+	return timedCreds{c.TransportCredentials.Clone(), c.done}
 }
 
 func pct(sorted []time.Duration, q float64) string {
@@ -190,10 +383,24 @@ func pct(sorted []time.Duration, q float64) string {
 	return millis(quantile(sorted, q))
 }
 
+// serverUse formats the server's CPU per issued certificate between two
+// scrapes, and its RSS at the second.
+func serverUse(url string, before, after serverStats) (cpu, rss string) {
+	cpu, rss = "n/a", "n/a"
+	if url == "" {
+		return cpu, rss
+	}
+	if okCerts := after.ok - before.ok; okCerts > 0 {
+		cpu = fmt.Sprintf("%.0f µs", (after.cpu-before.cpu)/okCerts*1e6)
+	}
+	return cpu, fmt.Sprintf("%.0f MiB", after.rss/(1<<20))
+}
+
 type serverStats struct{ cpu, rss, ok float64 }
 
 // scrape reads the server's CPU seconds, RSS and OK issuances from its
-// Prometheus text exposition.
+// Prometheus text exposition: meshca's meshca_requests_total, or, for
+// istiod's CA (make bench-vs-istiod), citadel_server_success_cert_issuance_count.
 func scrape(url string) (serverStats, error) {
 	var s serverStats
 	if url == "" {
@@ -219,9 +426,14 @@ func scrape(url string) (serverStats, error) {
 			s.rss = val
 		case strings.HasPrefix(name, "meshca_requests_total{") && strings.Contains(name, `code="OK"`):
 			s.ok += val
+		case name == "citadel_server_success_cert_issuance_count" || strings.HasPrefix(name, "citadel_server_success_cert_issuance_count{"):
+			s.ok += val
 		}
 	}
-	return s, sc.Err()
+	if err := sc.Err(); err != nil {
+		return s, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	return s, nil
 }
 
 func cutValue(line string) (string, float64, bool) {

@@ -52,6 +52,21 @@ func mintDevToken(cfgPath, ns, sa, pod string, ttl time.Duration) (string, error
 	})
 }
 
+// devMinter loads the configuration and its development key once, for
+// callers that mint many tokens (meshctl bench).
+func devMinter(cfgPath string) (func(ns, sa, pod string, ttl time.Duration) (string, error), error) {
+	cfg, key, err := loadDevKey(cfgPath)
+	if err != nil {
+		return nil, err
+	}
+	return func(ns, sa, pod string, ttl time.Duration) (string, error) {
+		return key.Mint(devkey.Claims{
+			Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,
+			Namespace: ns, ServiceAccount: sa, PodName: pod, TTL: ttl,
+		})
+	}, nil
+}
+
 // loadDevKey loads the meshca configuration at cfgPath ("" = embedded dev
 // config) and its development key, for callers that mint many tokens. It
 // refuses a configuration that is not in dev mode.

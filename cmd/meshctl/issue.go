@@ -181,6 +181,20 @@ func makeCSR(key crypto.Signer, id spiffeid.ID) ([]byte, error) {
 // dial opens a TLS gRPC connection to meshca, verifying its serving
 // certificate against the roots in caCertFile.
 func dial(addr, caCertFile string) (*grpc.ClientConn, error) {
+	creds, err := clientCreds(addr, caCertFile)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	return conn, nil
+}
+
+// clientCreds is the TLS client side of dial: meshca's serving certificate
+// verified against the roots in caCertFile, for the host part of addr.
+func clientCreds(addr, caCertFile string) (credentials.TransportCredentials, error) {
 	pemBytes, err := os.ReadFile(caCertFile)
 	if err != nil {
 		return nil, fmt.Errorf("read --ca-cert: %w (in dev mode meshca writes it when it starts)", err)
@@ -193,12 +207,7 @@ func dial(addr, caCertFile string) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--addr: %w", err)
 	}
-	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12})
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
-	}
-	return conn, nil
+	return credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12}), nil
 }
 
 func withToken(ctx context.Context, tok string) context.Context {

@@ -2,7 +2,7 @@
 //
 //	meshctl dev-token --ns N --sa S     mint a development token (dev mode only)
 //	meshctl issue --token T             ask a running meshca for a certificate
-//	meshctl bench                       load-test a running meshca
+//	meshctl bench                       load-test a running meshca (or, --storm, a burst of new connections)
 //	meshctl svid --socket PATH          fetch an SVID from meshca agent's Workload API
 //	meshctl proxies                     list the proxies on meshca's SDS, soonest expiry first
 //	meshctl bench-sds                   hold 10,000 SDS streams on a running dev meshca
@@ -34,7 +34,8 @@ func main() {
 const usage = `usage:
   meshctl dev-token [--config FILE] --ns NAMESPACE --sa SERVICEACCOUNT [--pod NAME] [--ttl 1h]
   meshctl issue [--addr HOST:PORT] [--ca-cert FILE] --token TOKEN|@FILE [--ttl 1h] [--key ecdsa|rsa] [--out DIR]
-  meshctl bench [--addr HOST:PORT] [--ca-cert FILE] [--concurrency 1,8,64] [--duration 10s] [--metrics URL]
+  meshctl bench [--addr HOST:PORT] [--ca-cert FILE] [--concurrency 1,8,64] [--conns 0] [--duration 10s] [--metrics URL]
+  meshctl bench --storm 250,1000 [--addr HOST:PORT] [--ca-cert FILE] [--metrics URL]
   meshctl svid [--socket PATH] [--out DIR]
   meshctl proxies [--admin URL] [--json]
   meshctl bench-sds [--config FILE] [--addr HOST:PORT] [--ca-cert FILE] [--conns 100] [--streams-per-conn 100] [--admin URL] [--profile DIR]
