@@ -152,7 +152,14 @@ func (k *Key) Mint(c Claims) (string, error) {
 		NotBefore: jwt.NewNumericDate(c.Now),
 		Expiry:    jwt.NewNumericDate(c.Now.Add(c.TTL)),
 	}
-	tok, err := jwt.Signed(sig).Claims(std).Claims(map[string]any{"kubernetes.io": kc}).Serialize()
+	extra := map[string]any{"kubernetes.io": kc}
+	if len(c.Audiences) > 0 {
+		// The apiserver writes aud as an array even for one audience;
+		// go-jose writes a lone audience as a string, which some verifiers
+		// (istiod's JWT authenticator) refuse.
+		extra["aud"] = c.Audiences
+	}
+	tok, err := jwt.Signed(sig).Claims(std).Claims(extra).Serialize()
 	if err != nil {
 		return "", fmt.Errorf("mint: %w", err)
 	}

@@ -46,6 +46,11 @@ func TestEnsureMintVerify(t *testing.T) {
 	require.NoError(t, parsed.Claims(keys[0].Key, &std, &kube))
 	require.Equal(t, "system:serviceaccount:demo:web", std.Subject)
 	require.Equal(t, jwt.Audience{"istio-ca"}, std.Audience)
+	var raw struct {
+		Aud json.RawMessage `json:"aud"`
+	}
+	require.NoError(t, parsed.Claims(keys[0].Key, &raw))
+	require.JSONEq(t, `["istio-ca"]`, string(raw.Aud), "aud is an array, as in a Kubernetes token")
 	require.Equal(t, now.Add(time.Hour).Unix(), std.Expiry.Time().Unix())
 	require.Equal(t, "demo", kube.K.Namespace)
 	require.Equal(t, "web", kube.K.ServiceAccount.Name)
