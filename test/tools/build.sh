@@ -2,6 +2,8 @@
 # Builds the real servers and tools the end-to-end tests run (etcd,
 # kube-apiserver, pilot-agent, helm) from the Go module proxy into a
 # git-ignored folder, and reuses a binary that is already there.
+# istiod-ca (istiod's CA server, for make bench-vs-istiod) is built only
+# when named: no test needs it.
 # Usage: test/tools/build.sh [name...]
 # Output folder: $MESHCA_BIN (default: <repo>/.cache/bin).
 set -euo pipefail
@@ -29,19 +31,21 @@ helm_ldflags() {
 }
 
 build() {
-	local name=$1 pkg extra=
+	local name=$1 pkg extra= src=()
 	case $name in
 	etcd) pkg=. ;;
 	kube-apiserver) pkg=k8s.io/kubernetes/cmd/kube-apiserver ;;
 	pilot-agent) pkg=istio.io/istio/pilot/cmd/pilot-agent ;;
+	istiod-ca) pkg=. src=(main.go) ;;
 	helm) pkg=helm.sh/helm/v3/cmd/helm extra=$(helm_ldflags) ;;
-	*) echo "build.sh: unknown tool $name (want etcd, kube-apiserver, pilot-agent or helm)" >&2; return 2 ;;
+	*) echo "build.sh: unknown tool $name (want etcd, kube-apiserver, pilot-agent, helm or istiod-ca)" >&2; return 2 ;;
 	esac
-	# The stamp ties a binary to the go.sum (and extra link flags) it was
+	# The stamp ties a binary to the go.sum (and extra link flags, and the
+	# wrapper's own source where it has more than a one-line main) it was
 	# built from, so a version bump rebuilds instead of silently testing
 	# against the old server.
 	local stamp
-	stamp=$({ cat "$here/$name/go.mod" "$here/$name/go.sum"; printf '%s' "$extra"; } | sha256sum | cut -c1-16)
+	stamp=$({ cat "$here/$name/go.mod" "$here/$name/go.sum" "${src[@]/#/$here/$name/}"; printf '%s' "$extra"; } | sha256sum | cut -c1-16)
 	if [ -x "$out/$name" ] && [ "$(cat "$out/$name.stamp" 2>/dev/null)" = "$stamp" ]; then
 		echo "build.sh: $name up to date"
 		return 0
