@@ -13,7 +13,7 @@ GOVULNCHECK := golang.org/x/vuln/cmd/govulncheck@v1.1.4
 
 .PHONY: help
 help: ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 .PHONY: build
 build: ## build bin/meshca and bin/meshctl
@@ -59,6 +59,10 @@ bench: build ## load-test a local meshca at concurrency 1, 8 and 64, one connect
 .PHONY: bench-storm
 bench-storm: build ## storms of 250 and 1000 new TLS connections at once, one CSR each (handshakes/s, certs/s)
 	BENCH_ARGS="--storm 250,1000" test/bench.sh
+
+.PHONY: bench-vs-istiod
+bench-vs-istiod: build ## meshca vs istiod's own CA server (built from istio.io/istio into $(MESHCA_BIN)), same load, alternating
+	test/bench-vs-istiod.sh
 
 .PHONY: bench-1m
 bench-1m: build ## issue 1,000,000 certificates at concurrency 64, then report server RSS
