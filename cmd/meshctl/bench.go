@@ -12,6 +12,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,6 +45,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	storm := fs.String("storm", "", "comma-separated storm sizes: N new TLS connections at once, one CSR each (replaces --concurrency)")
 	identities := fs.Int("identities", 64, "distinct service accounts (each with its own token and CSR)")
 	metricsURL := fs.String("metrics", "http://127.0.0.1:15014/metrics", "the server's /metrics, for server CPU and RSS ('' to skip)")
+	cpuProfile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -85,6 +88,17 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 		ids[i] = benchIdent{sa: sa, token: tok, csr: string(csr)}
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	b := &bench{
 		addr: *addr, caCert: *caCert, metricsURL: *metricsURL,
@@ -240,8 +254,9 @@ func (b *bench) levels(ctx context.Context, cs []int, conns int, duration, warmu
 
 // storms opens, for each size n, n new TLS connections at once, each
 // sending one CSR with a token of its own (a new pod's token, which no
-// server cache has seen), and keeps them open until all are answered, as
-// the proxies of a node whose pods all start together do. Latencies count
+// server cache has seen), and keeps them open until all are answered and
+// the server has been read, as the proxies of a node whose pods all start
+// together stay connected. Latencies count
 // from the start of the storm: the handshake's when its TLS handshake
 // completed, the certificate's when its answer arrived.
 func (b *bench) storms(ctx context.Context, sizes []int, warmup time.Duration) error {
@@ -252,9 +267,11 @@ func (b *bench) storms(ctx context.Context, sizes []int, warmup time.Duration) e
 	fmt.Fprintln(b.stderr, "storm: each connection is new (no TLS session to resume) and sends one CSR with a new pod's token")
 	const row = "%6s %13s %9s %14s %14s %9s %9s %16s %11s %7s\n"
 	if warmup > 0 {
-		if _, err := b.storm(ctx, creds, min(64, slices.Max(sizes)), "warmup"); err != nil {
+		r, err := b.storm(ctx, creds, min(64, slices.Max(sizes)), "warmup")
+		if err != nil {
 			return fmt.Errorf("warm-up storm: %w", err)
 		}
+		r.close()
 	}
 	fmt.Fprintf(b.stdout, row, "conns", "handshakes/s", "certs/s", "handshake p50", "handshake p99", "cert p50", "cert p99", "server CPU/cert", "server RSS", "errors")
 	for k, n := range sizes {
@@ -266,7 +283,10 @@ func (b *bench) storms(ctx context.Context, sizes []int, warmup time.Duration) e
 		if err != nil {
 			return err
 		}
+		// Read the server while the storm's connections are still open:
+		// its RSS then holds them, as it holds a node's proxies.
 		after, err := scrape(b.metricsURL)
+		r.close()
 		if err != nil {
 			return err
 		}
@@ -290,6 +310,16 @@ func rate(n int, sorted []time.Duration) string {
 type stormResult struct {
 	handshakes, certs []time.Duration // since the storm's start, sorted
 	errors            int
+	conns             []*grpc.ClientConn
+}
+
+// close closes the storm's connections.
+func (r stormResult) close() {
+	for _, c := range r.conns {
+		if c != nil {
+			_ = c.Close()
+		}
+	}
 }
 
 func (b *bench) storm(ctx context.Context, creds credentials.TransportCredentials, n int, name string) (stormResult, error) {
@@ -309,8 +339,8 @@ func (b *bench) storm(ctx context.Context, creds credentials.TransportCredential
 		mu      sync.Mutex
 		res     stormResult
 		lastErr error
-		conns   = make([]*grpc.ClientConn, n)
 	)
+	res.conns = make([]*grpc.ClientConn, n)
 	start := time.Now()
 	for i := range n {
 		wg.Add(1)
@@ -321,7 +351,7 @@ func (b *bench) storm(ctx context.Context, creds credentials.TransportCredential
 				handshake.CompareAndSwap(0, int64(time.Since(start)))
 			}}))
 			if err == nil {
-				conns[i] = conn
+				res.conns[i] = conn
 				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 				_, err = pb.NewIstioCertificateServiceClient(conn).CreateCertificate(withToken(cctx, toks[i]),
 					&pb.IstioCertificateRequest{Csr: b.ids[i%len(b.ids)].csr}, grpc.WaitForReady(true))
@@ -342,15 +372,12 @@ func (b *bench) storm(ctx context.Context, creds credentials.TransportCredential
 		}()
 	}
 	wg.Wait()
-	for _, c := range conns {
-		if c != nil {
-			_ = c.Close()
-		}
-	}
 	if ctx.Err() != nil {
+		res.close()
 		return res, ctx.Err()
 	}
 	if len(res.certs) == 0 {
+		res.close()
 		return res, fmt.Errorf("storm of %d: every request failed; last: %w", n, lastErr)
 	}
 	slices.Sort(res.handshakes)
