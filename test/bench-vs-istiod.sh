@@ -15,7 +15,11 @@
 # ROUNDS (default 2) pairs of runs; CONCURRENCY clients (default 64), each
 # with its own TLS connection; DURATION (10s) measured after WARMUP (2s).
 # PROFILE=N takes a 10s CPU profile of each server, N seconds after the
-# load of its first run starts (warm-up included).
+# load of its first run starts (warm-up included). STORM=250,1000 also
+# runs meshctl bench --storm with those sizes against each server, on a
+# fresh start of it, in every round. PIN=1 runs the server on CPU 0 and the
+# load generator on CPU 1 (taskset), so that the load generator's own CPU
+# is not taken from the server's: each server then has one core.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${MESHCA_BIN:-$repo/.cache/bin}
@@ -30,6 +34,11 @@ MESHCA_BIN=$bin "$repo/test/tools/build.sh" istiod-ca >&2
 
 work=$repo/.cache/bench-vs-istiod
 rm -rf "$work" && mkdir -p "$work" && cd "$work"
+
+srv_cpu=() cli_cpu=()
+if [ -n "${PIN:-}" ]; then
+	srv_cpu=(taskset -c 0) cli_cpu=(taskset -c 1)
+fi
 
 pid=
 stop_server() {
@@ -46,12 +55,12 @@ start_server() {
 	local ready log
 	case $1 in
 	meshca)
-		"$repo/bin/meshca" serve --dev --pprof --log-level warn --grpc-address 127.0.0.1:15112 \
+		"${srv_cpu[@]}" "$repo/bin/meshca" serve --dev --pprof --log-level warn --grpc-address 127.0.0.1:15112 \
 			--admin-address 127.0.0.1:15114 >meshca-audit.log 2>meshca.log &
 		ready=http://127.0.0.1:15114/readyz log=meshca.log ;;
 	istiod)
 		[ -f .meshca-dev/jwks.json ] || { echo "bench-vs-istiod: no .meshca-dev/jwks.json (meshca runs first)" >&2; exit 1; }
-		"$bin/istiod-ca" --pprof --dir .istiod-ca --jwks .meshca-dev/jwks.json >istiod.log 2>&1 &
+		"${srv_cpu[@]}" "$bin/istiod-ca" --pprof --dir .istiod-ca --jwks .meshca-dev/jwks.json >istiod.log 2>&1 &
 		ready=http://127.0.0.1:15214/ready log=istiod.log ;;
 	esac
 	pid=$!
@@ -68,37 +77,54 @@ start_server() {
 	fi
 }
 
+# server_args NAME: meshctl bench's flags for that server.
+server_args() {
+	case $1 in
+	meshca) echo --addr 127.0.0.1:15112 --metrics http://127.0.0.1:15114/metrics ;;
+	istiod) echo --addr 127.0.0.1:15212 --ca-cert .istiod-ca/root-cert.pem --metrics http://127.0.0.1:15214/metrics ;;
+	esac
+}
+
 # run_bench NAME ROUND: one measured run against the server that is up;
 # prints the data row of meshctl bench.
 run_bench() {
 	local args=(--concurrency "$conc" --conns "$conc" --duration "$duration" --warmup "$warmup") admin
+	# shellcheck disable=SC2207
+	args+=($(server_args "$1"))
 	case $1 in
-	meshca)
-		admin=http://127.0.0.1:15114
-		args+=(--addr 127.0.0.1:15112 --metrics "$admin/metrics") ;;
-	istiod)
-		admin=http://127.0.0.1:15214
-		args+=(--addr 127.0.0.1:15212 --ca-cert .istiod-ca/root-cert.pem --metrics "$admin/metrics") ;;
+	meshca) admin=http://127.0.0.1:15114 ;;
+	istiod) admin=http://127.0.0.1:15214 ;;
 	esac
 	local profiler=
 	if [ -n "${PROFILE:-}" ] && [ "$2" = 1 ]; then
 		(sleep "$PROFILE" && curl -s -o "$1-cpu.prof" "$admin/debug/pprof/profile?seconds=10") &
 		profiler=$!
 	fi
-	"$repo/bin/meshctl" bench "${args[@]}" 2>>bench.log | tail -n 1
+	"${cli_cpu[@]}" "$repo/bin/meshctl" bench "${args[@]}" 2>>bench.log | tail -n 1
 	[ -z "$profiler" ] || wait "$profiler"
 }
 
-echo "bench-vs-istiod: $(nproc)-core machine, servers and load generator on the same cores; $(date -u +%Y-%m-%d)"
+if [ -n "${PIN:-}" ]; then
+	echo "bench-vs-istiod: $(nproc)-core machine, server pinned to CPU 0, load generator to CPU 1; $(date -u +%Y-%m-%d)"
+else
+	echo "bench-vs-istiod: $(nproc)-core machine, servers and load generator on the same cores; $(date -u +%Y-%m-%d)"
+fi
 echo "$conc clients, one TLS connection each; $duration measured after $warmup of warm-up; one server at a time, alternating"
 fmt="%-6s %-7s %9s %10s %10s %16s %7s\n"
 printf "$fmt" round server certs/s p50 p99 "server CPU/cert" errors
-results=()
+results=() storms=()
 for round in $(seq 1 "$rounds"); do
 	for server in meshca istiod; do
 		start_server "$server"
 		row=$(run_bench "$server" "$round")
 		stop_server
+		if [ -n "${STORM:-}" ]; then
+			start_server "$server"
+			# shellcheck disable=SC2046
+			while read -r line; do storms+=("$(printf '%-6s %-7s %s' "$round" "$server" "$line")"); done < <(
+				"${cli_cpu[@]}" "$repo/bin/meshctl" bench --storm "$STORM" $(server_args "$server") 2>>bench.log | tail -n +2)
+			stop_server
+		fi
 		# concurrency, certs/s, p50 ms, p90 ms, p99 ms, CPU µs, RSS MiB, errors
 		read -r _ certs p50 _ _ _ p99 _ cpu _ _ _ errs <<<"$row"
 		printf "$fmt" "$round" "$server" "$certs" "$p50 ms" "$p99 ms" "$cpu µs" "$errs"
@@ -113,6 +139,13 @@ printf '%s\n' "${results[@]}" | awk -v fmt="$fmt" '
 		printf fmt, "mean", "istiod", sprintf("%.0f", c["istiod"]), sprintf("%.2f ms", p50["istiod"]), sprintf("%.2f ms", p99["istiod"]), sprintf("%.0f µs", cpu["istiod"]), ""
 		printf "meshca/istiod: certs/s %.2fx, p99 %.2fx, server CPU per cert %.2fx\n", c["meshca"] / c["istiod"], p99["meshca"] / p99["istiod"], cpu["meshca"] / cpu["istiod"]
 	}'
+if [ ${#storms[@]} -gt 0 ]; then
+	echo
+	echo "storms: N new TLS connections at once, one CSR each, on a freshly started server"
+	printf '%-6s %-7s %6s %13s %9s %14s %14s %9s %9s %16s %11s %7s\n' round server conns handshakes/s certs/s \
+		"handshake p50" "handshake p99" "cert p50" "cert p99" "server CPU/cert" "server RSS" errors
+	printf '%s\n' "${storms[@]}"
+fi
 if [ -n "${PROFILE:-}" ]; then
 	echo "CPU profiles: $work/meshca-cpu.prof (go tool pprof -top $repo/bin/meshca $work/meshca-cpu.prof), $work/istiod-cpu.prof (with $bin/istiod-ca)"
 fi
