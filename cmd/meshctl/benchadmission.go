@@ -23,8 +23,6 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
-
-	"github.com/meshca/meshca/cmd/internal/devkey"
 )
 
 // benchAdmissionCmd shows admission control at work: new pods' first
@@ -52,9 +50,7 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err != nil {
 		return err
 	}
-	mint := func(ns, sa string) (string, error) {
-		return key.Mint(devkey.Claims{Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences, Namespace: ns, ServiceAccount: sa, TTL: time.Hour})
-	}
+	mint := func(ns, sa string) (string, error) { return mintWith(cfg, key, ns, sa, "", time.Hour) }
 
 	// New pods: a token and CSR each, never seen by meshca before.
 	pods := *podRate * int((*idle + *storm + 2*time.Second).Seconds())

@@ -240,10 +240,7 @@ func (b *sdsBench) mintTokens(n int) ([]string, error) {
 }
 
 func (b *sdsBench) mint(sa, pod string, ttl time.Duration) (string, error) {
-	tok, err := b.key.Mint(devkey.Claims{
-		Issuer: b.cfg.Authn.Issuer, Audiences: b.cfg.Authn.Audiences,
-		Namespace: b.ns, ServiceAccount: sa, PodName: pod, TTL: ttl,
-	})
+	tok, err := mintWith(b.cfg, b.key, b.ns, sa, pod, ttl)
 	if err != nil {
 		return "", fmt.Errorf("mint a token for %s/%s: %w", b.ns, sa, err)
 	}

@@ -42,14 +42,11 @@ func devTokenCmd(args []string, stdout, stderr io.Writer) error {
 // configuration that is not in dev mode: a production meshca verifies
 // tokens from the cluster, and nothing should pretend to mint those.
 func mintDevToken(cfgPath, ns, sa, pod string, ttl time.Duration) (string, error) {
-	cfg, key, err := loadDevKey(cfgPath)
+	mint, err := devMinter(cfgPath)
 	if err != nil {
 		return "", err
 	}
-	return key.Mint(devkey.Claims{
-		Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,
-		Namespace: ns, ServiceAccount: sa, PodName: pod, TTL: ttl,
-	})
+	return mint(ns, sa, pod, ttl)
 }
 
 // devMinter loads the configuration and its development key once, for
@@ -60,11 +57,17 @@ func devMinter(cfgPath string) (func(ns, sa, pod string, ttl time.Duration) (str
 		return nil, err
 	}
 	return func(ns, sa, pod string, ttl time.Duration) (string, error) {
-		return key.Mint(devkey.Claims{
-			Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,
-			Namespace: ns, ServiceAccount: sa, PodName: pod, TTL: ttl,
-		})
+		return mintWith(cfg, key, ns, sa, pod, ttl)
 	}, nil
+}
+
+// mintWith mints a token for ns/sa (bound to pod, if set) with key and the
+// issuer and audiences cfg's meshca expects.
+func mintWith(cfg *config.Config, key *devkey.Key, ns, sa, pod string, ttl time.Duration) (string, error) {
+	return key.Mint(devkey.Claims{
+		Issuer: cfg.Authn.Issuer, Audiences: cfg.Authn.Audiences,
+		Namespace: ns, ServiceAccount: sa, PodName: pod, TTL: ttl,
+	})
 }
 
 // loadDevKey loads the meshca configuration at cfgPath ("" = embedded dev
