@@ -336,6 +336,11 @@ func (st *stream) pushCred(m *material) {
 func (st *stream) wants() (cert, bundle bool) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	return st.wantsLocked()
+}
+
+// wantsLocked is wants with st.mu held.
+func (st *stream) wantsLocked() (cert, bundle bool) {
 	for _, k := range st.names {
 		cert = cert || k == kindCert
 		bundle = bundle || k == kindBundle
@@ -348,12 +353,10 @@ func (st *stream) wants() (cert, bundle bool) {
 func (st *stream) bundleAccepted(seq uint64) bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	for _, k := range st.names {
-		if k == kindBundle {
-			return st.accepted.bundle != nil && st.accepted.bundle.seq >= seq
-		}
+	if _, bundle := st.wantsLocked(); !bundle {
+		return true
 	}
-	return true
+	return st.accepted.bundle != nil && st.accepted.bundle.seq >= seq
 }
 
 // acceptedState is what the metrics need: the accepted certificate's
@@ -364,9 +367,7 @@ func (st *stream) acceptedState() (notAfter time.Time, wantsBundle bool, bundleS
 	if st.accepted.cred != nil {
 		notAfter = st.accepted.cred.notAfter
 	}
-	for _, k := range st.names {
-		wantsBundle = wantsBundle || k == kindBundle
-	}
+	_, wantsBundle = st.wantsLocked()
 	if st.accepted.bundle != nil {
 		bundleSeq = st.accepted.bundle.seq
 	}
@@ -387,10 +388,7 @@ func (st *stream) describe(cur *servedBundle) Proxy {
 		na, ra := m.notAfter, m.renewAt
 		p.NotAfter, p.NextRenewal = &na, &ra
 	}
-	wantsBundle := false
-	for _, k := range st.names {
-		wantsBundle = wantsBundle || k == kindBundle
-	}
+	_, wantsBundle := st.wantsLocked()
 	p.BundleCurrent = wantsBundle && st.accepted.bundle != nil && st.accepted.bundle.seq == cur.seq
 	if !st.lastACK.IsZero() {
 		t := st.lastACK
