@@ -118,6 +118,12 @@ type Call struct {
 	start    time.Time
 	priority Priority
 	renewKey string
+	// The credentials on the call, read once by whichever of Admit and
+	// Authenticate comes first.
+	read     bool
+	creds    authn.Credentials
+	peerAddr string
+	credsErr error
 	// Event is the audit line End writes; handlers add what they learn.
 	Event AuditEvent
 }
@@ -140,11 +146,20 @@ func (e *Edge) StartFor(caller *authn.Caller, peer string) *Call {
 	return c
 }
 
+// incoming reads the call's credentials from ctx, once.
+func (c *Call) incoming(ctx context.Context) (authn.Credentials, string, error) {
+	if !c.read {
+		c.creds, c.peerAddr, c.credsErr = authn.FromIncoming(ctx)
+		c.read = true
+	}
+	return c.creds, c.peerAddr, c.credsErr
+}
+
 // Authenticate reads the caller's credentials from ctx and runs the
 // authenticator chain. A refusal is counted by authenticator and reason,
 // and recorded in the audit event.
 func (c *Call) Authenticate(ctx context.Context) (*authn.Caller, error) {
-	creds, peerAddr, err := authn.FromIncoming(ctx)
+	creds, peerAddr, err := c.incoming(ctx)
 	c.Event.Peer = peerAddr
 	if err != nil {
 		c.Event.Reason = authn.ReasonMalformed
@@ -183,7 +198,7 @@ func (c *Call) Admit(ctx context.Context) (release func(), err error) {
 	if a == nil {
 		return func() {}, nil
 	}
-	creds, peerAddr, _ := authn.FromIncoming(ctx)
+	creds, peerAddr, _ := c.incoming(ctx)
 	host := hostOf(peerAddr)
 	switch {
 	case creds.Token == "" && len(creds.PeerCertificates) > 0:
