@@ -1,11 +1,8 @@
 package kube
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"log/slog"
-	"sync/atomic"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -27,10 +24,7 @@ const nodeServiceAccountIndex = "node+serviceaccount"
 // It answers from the informer's view, which trails the apiserver by the
 // watch latency: a pod scheduled just now may not be on its node yet here.
 type PodIndex struct {
-	informer toolscache.SharedIndexInformer
-	log      *slog.Logger
-	started  atomic.Bool
-	synced   atomic.Bool // latches HasSynced, which takes a lock per call
+	watch
 }
 
 // NewPodIndex returns an index that lists and watches Pods through client
@@ -49,7 +43,7 @@ func NewPodIndex(client kubernetes.Interface, log *slog.Logger) *PodIndex {
 		// succeeds, lookups answer ErrUnavailable.
 		log.Warn("cannot list or watch pods", "error", err)
 	})
-	return &PodIndex{informer: inf, log: log}
+	return &PodIndex{watch: watch{informer: inf, log: log, what: "pods"}}
 }
 
 // stripPod keeps only what the index needs: a cluster's pod specs and
@@ -83,29 +77,6 @@ func indexNodeServiceAccount(obj any) ([]string, error) {
 		return nil, nil
 	}
 	return []string{nodeServiceAccountKey(pod.Spec.NodeName, pod.Namespace, pod.Spec.ServiceAccountName)}, nil
-}
-
-// Run lists and watches Pods until ctx is done, then returns nil. It may be
-// called once.
-func (x *PodIndex) Run(ctx context.Context) error {
-	if !x.started.CompareAndSwap(false, true) {
-		return errors.New("run pod index: already running")
-	}
-	x.log.Info("watching pods")
-	x.informer.Run(ctx.Done())
-	return nil
-}
-
-// HasSynced reports whether the index has listed every Pod once.
-func (x *PodIndex) HasSynced() bool {
-	if x.synced.Load() {
-		return true
-	}
-	if x.informer.HasSynced() {
-		x.synced.Store(true)
-		return true
-	}
-	return false
 }
 
 // Pod implements authn.PodLocator. Before the first full list it returns an

@@ -1,11 +1,8 @@
 package kube
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"log/slog"
-	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -29,10 +26,7 @@ type ServiceAccountLookup = authn.ServiceAccountLookup
 // watch latency (usually milliseconds): an account created just now may read
 // as not found for that long.
 type ServiceAccountIndex struct {
-	informer toolscache.SharedIndexInformer
-	log      *slog.Logger
-	started  atomic.Bool
-	synced   atomic.Bool // latches HasSynced, which takes a lock per call
+	watch
 }
 
 // NewServiceAccountIndex returns an index that lists and watches
@@ -49,7 +43,7 @@ func NewServiceAccountIndex(client kubernetes.Interface, log *slog.Logger) *Serv
 		// succeeds, ServiceAccountUID answers ErrUnavailable.
 		log.Warn("cannot list or watch service accounts", "error", err)
 	})
-	return &ServiceAccountIndex{informer: inf, log: log}
+	return &ServiceAccountIndex{watch: watch{informer: inf, log: log, what: "service accounts"}}
 }
 
 // stripServiceAccount keeps only what the index needs: the token secrets and
@@ -68,45 +62,12 @@ func stripServiceAccount(obj any) (any, error) {
 	}}, nil
 }
 
-// Run lists and watches ServiceAccounts until ctx is done, then returns nil.
-// It may be called once.
-func (x *ServiceAccountIndex) Run(ctx context.Context) error {
-	if !x.started.CompareAndSwap(false, true) {
-		return errors.New("run service account index: already running")
-	}
-	x.log.Info("watching service accounts")
-	x.informer.Run(ctx.Done())
-	return nil
-}
-
-// HasSynced reports whether the index has listed every ServiceAccount once.
-func (x *ServiceAccountIndex) HasSynced() bool {
-	if x.synced.Load() {
-		return true
-	}
-	if x.informer.HasSynced() {
-		x.synced.Store(true)
-		return true
-	}
-	return false
-}
-
 // ServiceAccountUID implements ServiceAccountLookup. Before the first full
 // list it returns an error wrapping authn.ErrUnavailable.
 func (x *ServiceAccountIndex) ServiceAccountUID(namespace, name string) (string, bool, error) {
-	if !x.HasSynced() {
-		return "", false, fmt.Errorf("%w: service account index not synced yet", authn.ErrUnavailable)
-	}
-	obj, found, err := x.informer.GetStore().GetByKey(namespace + "/" + name)
-	if err != nil {
-		return "", false, fmt.Errorf("%w: look up service account: %w", authn.ErrUnavailable, err)
-	}
+	sa, found, err := x.get(namespace, name)
 	if !found {
-		return "", false, nil
-	}
-	sa, ok := obj.(*corev1.ServiceAccount)
-	if !ok {
-		return "", false, fmt.Errorf("%w: look up service account: unexpected %T in index", authn.ErrUnavailable, obj)
+		return "", false, err
 	}
 	return string(sa.UID), true, nil
 }
@@ -114,18 +75,30 @@ func (x *ServiceAccountIndex) ServiceAccountUID(namespace, name string) (string,
 // ServiceAccountCreated implements authn.ServiceAccountCreation: when the
 // service account (as it exists now) was created.
 func (x *ServiceAccountIndex) ServiceAccountCreated(namespace, name string) (time.Time, bool, error) {
+	sa, found, err := x.get(namespace, name)
+	if !found {
+		return time.Time{}, false, err
+	}
+	return sa.CreationTimestamp.Time, true, nil
+}
+
+// get looks up a service account in the index, once it has synced.
+func (x *ServiceAccountIndex) get(namespace, name string) (*corev1.ServiceAccount, bool, error) {
 	if !x.HasSynced() {
-		return time.Time{}, false, fmt.Errorf("%w: service account index not synced yet", authn.ErrUnavailable)
+		return nil, false, fmt.Errorf("%w: service account index not synced yet", authn.ErrUnavailable)
 	}
 	obj, found, err := x.informer.GetStore().GetByKey(namespace + "/" + name)
-	if err != nil || !found {
-		return time.Time{}, false, err
+	if err != nil {
+		return nil, false, fmt.Errorf("%w: look up service account: %w", authn.ErrUnavailable, err)
+	}
+	if !found {
+		return nil, false, nil
 	}
 	sa, ok := obj.(*corev1.ServiceAccount)
 	if !ok {
-		return time.Time{}, false, fmt.Errorf("%w: look up service account: unexpected %T in index", authn.ErrUnavailable, obj)
+		return nil, false, fmt.Errorf("%w: look up service account: unexpected %T in index", authn.ErrUnavailable, obj)
 	}
-	return sa.CreationTimestamp.Time, true, nil
+	return sa, true, nil
 }
 
 // checkServiceAccount refuses a caller whose service account no longer
