@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real servers and tools the end-to-end tests run (etcd,
-# kube-apiserver, pilot-agent, helm) from the Go module proxy into a
+# kube-apiserver, pilot-agent, helm, vault) from the Go module proxy into a
 # git-ignored folder, and reuses a binary that is already there.
 # istiod-ca (istiod's CA server, for make bench-vs-istiod) is built only
 # when named: no test needs it.
@@ -12,7 +12,7 @@ repo=$(cd "$here/../.." && pwd)
 out=${MESHCA_BIN:-$repo/.cache/bin}
 mkdir -p "$out"
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(etcd kube-apiserver pilot-agent helm)
+[ ${#names[@]} -gt 0 ] || names=(etcd kube-apiserver pilot-agent helm vault)
 
 # helm_ldflags prints the -X flags helm's own Makefile links in. Without
 # them `helm version` says v3.22 and helm assumes Kubernetes 1.20 for a
@@ -37,8 +37,9 @@ build() {
 	kube-apiserver) pkg=k8s.io/kubernetes/cmd/kube-apiserver ;;
 	pilot-agent) pkg=istio.io/istio/pilot/cmd/pilot-agent ;;
 	istiod-ca) pkg=. src=(main.go) ;;
+	vault) pkg=. ;;
 	helm) pkg=helm.sh/helm/v3/cmd/helm extra=$(helm_ldflags) ;;
-	*) echo "build.sh: unknown tool $name (want etcd, kube-apiserver, pilot-agent, helm or istiod-ca)" >&2; return 2 ;;
+	*) echo "build.sh: unknown tool $name (want etcd, kube-apiserver, pilot-agent, helm, vault or istiod-ca)" >&2; return 2 ;;
 	esac
 	# The stamp ties a binary to the go.sum (and extra link flags, and the
 	# wrapper's own source where it has more than a one-line main) it was
