@@ -84,6 +84,18 @@ type Config struct {
 	// Backdate moves NotBefore into the past to absorb clock skew between
 	// meshca and relying parties. Default 30s; negative means none.
 	Backdate time.Duration
+	// BundleRefresh is how often the trust bundle of an Upstream, or of an
+	// Authority that is also a BundleSource, is fetched again; a change
+	// is published like a rotation. It is also the upstream's health
+	// probe. Default DefaultBundleRefresh.
+	BundleRefresh time.Duration
+	// MaxUpstreamInFlight bounds the SignLeaf calls in flight to an
+	// Upstream; a request that finds no slot waits for one until its
+	// context ends. Default DefaultMaxUpstreamInFlight.
+	MaxUpstreamInFlight int
+	// UpstreamTimeout bounds each call to an Authority or Upstream.
+	// Default DefaultUpstreamTimeout.
+	UpstreamTimeout time.Duration
 	// Log receives operational logs. Default: discard.
 	Log *slog.Logger
 	// Now is the clock. Default time.Now.
@@ -108,6 +120,13 @@ type CA struct {
 	// under the signing CA in force; publish hands it to subscribers as
 	// Change.OldLeavesUntil and starts over.
 	leavesUntil atomic.Int64
+	bundleRefresh   time.Duration
+	upstreamTimeout time.Duration
+	// upstreamSlots bounds SignLeaf calls in flight.
+	upstreamSlots chan struct{}
+	// health is the upstream's last known state (see health.go).
+	health health
+
 	// mu orders publications: subscribers see changes one at a time, in
 	// the order they were made.
 	mu     sync.Mutex
@@ -144,8 +163,18 @@ func New(ctx context.Context, cfg Config) (*CA, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.BundleRefresh <= 0 {
+		cfg.BundleRefresh = DefaultBundleRefresh
+	}
+	if cfg.MaxUpstreamInFlight <= 0 {
+		cfg.MaxUpstreamInFlight = DefaultMaxUpstreamInFlight
+	}
+	if cfg.UpstreamTimeout <= 0 {
+		cfg.UpstreamTimeout = DefaultUpstreamTimeout
+	}
 	c := &CA{policy: cfg.Policy, metrics: cfg.Metrics, backdate: cfg.Backdate, log: cfg.Log, now: cfg.Now,
-		subs: map[int]func(Change){}}
+		subs: map[int]func(Change){}, bundleRefresh: cfg.BundleRefresh, upstreamTimeout: cfg.UpstreamTimeout,
+		upstreamSlots: make(chan struct{}, cfg.MaxUpstreamInFlight)}
 
 	var first State
 	switch b := cfg.Backend.(type) {
@@ -165,7 +194,7 @@ func New(ctx context.Context, cfg Config) (*CA, error) {
 		first = s
 	case Upstream:
 		c.upstream = b
-		roots, err := b.TrustBundle(ctx)
+		roots, err := c.fetchBundle(ctx, b)
 		if err != nil {
 			return nil, fmt.Errorf("ca: upstream trust bundle: %w", err)
 		}
@@ -249,9 +278,12 @@ func (c *CA) Run(ctx context.Context) error {
 			}
 		})
 	case c.authority != nil:
+		if src, ok := c.authority.(BundleSource); ok {
+			go c.refreshBundle(ctx, src)
+		}
 		return c.rotate(ctx)
 	}
-	<-ctx.Done()
+	c.refreshBundle(ctx, c.upstream)
 	return nil
 }
 
@@ -505,4 +537,11 @@ type Metrics struct {
 	Issued *prometheus.CounterVec
 	// Rotations counts intermediate mints by result ("success", "failure").
 	Rotations *prometheus.CounterVec
+	// UpstreamCalls counts calls to an Authority or Upstream by operation
+	// (mint, sign, bundle) and result (success, failure, refused).
+	UpstreamCalls *prometheus.CounterVec
+	// UpstreamInFlight is the number of SignLeaf calls in flight.
+	UpstreamInFlight prometheus.Gauge
+	// Degraded is 1 while the last call to the upstream failed.
+	Degraded prometheus.Gauge
 }

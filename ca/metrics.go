@@ -30,6 +30,18 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "meshca_intermediate_rotations_total",
 			Help: "Intermediates minted by the backend for meshca's in-memory key, by result (success, failure).",
 		}, []string{"result"}),
+		UpstreamCalls: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_backend_upstream_calls_total",
+			Help: "Calls to an upstream CA (Vault, AWS Private CA) by operation (mint, sign, bundle) and result (success, failure, refused: the upstream answered with a wrong certificate).",
+		}, []string{"operation", "result"}),
+		UpstreamInFlight: f.NewGauge(prometheus.GaugeOpts{
+			Name: "meshca_backend_upstream_in_flight",
+			Help: "Leaf signing calls in flight to an upstream CA (direct mode).",
+		}),
+		Degraded: f.NewGauge(prometheus.GaugeOpts{
+			Name: "meshca_backend_degraded",
+			Help: "1 while the last call to the upstream CA failed: in intermediate mode leaves are still signed by the current intermediate, in direct mode issuance fails.",
+		}),
 	}
 }
 

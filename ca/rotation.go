@@ -132,7 +132,13 @@ func (c *CA) mint(ctx context.Context) (State, error) {
 	if err != nil {
 		return State{}, err
 	}
-	m, err := c.authority.MintCA(ctx, MintRequest{CSR: csr, TTL: c.inter.TTL})
+	callCtx, cancel := context.WithTimeout(ctx, c.upstreamTimeout)
+	defer cancel()
+	m, err := c.authority.MintCA(callCtx, MintRequest{CSR: csr, TTL: c.inter.TTL})
+	if err != nil && callCtx.Err() != nil && ctx.Err() == nil && !errors.Is(err, ErrBackendUnavailable) {
+		err = fmt.Errorf("%w: no answer within %s: %w", ErrBackendUnavailable, c.upstreamTimeout, err)
+	}
+	c.observe("mint", err)
 	if err != nil {
 		return State{}, fmt.Errorf("mint intermediate: %w", err)
 	}
@@ -144,6 +150,12 @@ func (c *CA) mint(ctx context.Context) (State, error) {
 		return State{}, fmt.Errorf("mint intermediate: the backend's certificate cannot sign: %w", err)
 	}
 	st := State{Signing: s, Roots: m.Roots}
+	// Leaves of the intermediate being replaced must keep verifying: if
+	// the upstream's root changed too, its old root stays in the bundle
+	// until the next rotation.
+	if old := c.state.Load(); old != nil && old.Signing != nil && !containsCert(st.Roots, old.Signing.Root()) {
+		st.Roots = append(st.Roots[:len(st.Roots):len(st.Roots)], old.Signing.Root())
+	}
 	if err := st.check(false); err != nil {
 		return State{}, fmt.Errorf("mint intermediate: %w", err)
 	}

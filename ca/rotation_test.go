@@ -77,6 +77,9 @@ func TestRotation(t *testing.T) {
 		require.GreaterOrEqual(t, tries, int64(9))
 		require.LessOrEqual(t, tries, int64(12), "a failing mint must not spin")
 		require.Equal(t, float64(tries), testutil.ToFloat64(m.Rotations.WithLabelValues("failure")))
+		require.True(t, c.Health().Degraded, "a failing mint shows the backend degraded")
+		require.ErrorIs(t, c.Health().Err, ca.ErrBackendUnavailable)
+		require.Equal(t, 1.0, testutil.ToFloat64(m.Degraded))
 
 		// Leaves signed meanwhile stop at the intermediate's NotAfter.
 		resp, err := c.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID,
@@ -90,6 +93,8 @@ func TestRotation(t *testing.T) {
 		synctest.Wait()
 		require.NotEqual(t, second.SerialNumber, c.State().Signing.Certificate().SerialNumber)
 		require.Len(t, got(), 2)
+		require.False(t, c.Health().Degraded)
+		require.Equal(t, 0.0, testutil.ToFloat64(m.Degraded))
 
 		cancel()
 		synctest.Wait()

@@ -19,11 +19,23 @@ const upstreamLifetimeSlack = 5 * time.Minute
 // is what was asked for. A wrong leaf is an outage of the upstream: the
 // caller gets ErrBackendUnavailable, the log says what was wrong.
 func (c *CA) signUpstream(ctx context.Context, req SignRequest) (*SignResponse, error) {
-	got, err := c.upstream.SignLeaf(ctx, req)
+	release, err := c.acquireUpstream(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("sign upstream: %w", err)
+	}
+	defer release()
+	callCtx, cancel := context.WithTimeout(ctx, c.upstreamTimeout)
+	defer cancel()
+	got, err := c.upstream.SignLeaf(callCtx, req)
 	if err != nil {
 		if ctxErr := ctx.Err(); ctxErr != nil {
+			c.observe("sign", ctxErr)
 			return nil, fmt.Errorf("sign: %w", ctxErr)
 		}
+		if callCtx.Err() != nil && !errors.Is(err, ErrBackendUnavailable) {
+			err = fmt.Errorf("%w: no answer within %s: %w", ErrBackendUnavailable, c.upstreamTimeout, err)
+		}
+		c.observe("sign", err)
 		// As for a local signer, a request the upstream calls invalid is
 		// meshca's bug, not an outage.
 		if !errors.Is(err, ErrBackendUnavailable) && !errors.Is(err, ErrInvalidSignRequest) {
@@ -33,9 +45,12 @@ func (c *CA) signUpstream(ctx context.Context, req SignRequest) (*SignResponse, 
 	}
 	roots := c.State().Roots
 	if err := checkUpstreamLeaf(req, got, roots, c.now()); err != nil {
+		werr := &wrongLeafError{err}
+		c.observe("sign", werr)
 		c.log.Error("the upstream CA returned a wrong certificate; it was not handed out", "id", req.ID.String(), "err", err)
-		return nil, fmt.Errorf("sign upstream: %w: %w", err, ErrBackendUnavailable)
+		return nil, fmt.Errorf("sign upstream: %w: %w", werr, ErrBackendUnavailable)
 	}
+	c.observe("sign", nil)
 	chain := got.Chain
 	if n := len(chain); n == 0 || !containsCert(roots, chain[n-1]) {
 		// Clients want the root last; add the one the leaf chains to.
@@ -91,8 +106,14 @@ func checkUpstreamLeaf(req SignRequest, got *UpstreamLeaf, roots []*x509.Certifi
 	if pub, ok := l.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(req.CSR.PublicKey) {
 		return errors.New("the leaf's public key is not the CSR's")
 	}
-	if d := l.NotAfter.Sub(req.NotAfter); d > upstreamLifetimeSlack || d < -upstreamLifetimeSlack {
-		return fmt.Errorf("the leaf expires at %s; asked for %s", l.NotAfter.UTC().Format(time.RFC3339), req.NotAfter.UTC().Format(time.RFC3339))
+	// An upstream caps a leaf at its issuing CA's NotAfter, as a local
+	// signer does.
+	wantNotAfter := req.NotAfter
+	if len(got.Chain) > 0 && got.Chain[0].NotAfter.Before(wantNotAfter) {
+		wantNotAfter = got.Chain[0].NotAfter
+	}
+	if d := l.NotAfter.Sub(wantNotAfter); d > upstreamLifetimeSlack || d < -upstreamLifetimeSlack {
+		return fmt.Errorf("the leaf expires at %s; asked for %s", l.NotAfter.UTC().Format(time.RFC3339), wantNotAfter.UTC().Format(time.RFC3339))
 	}
 	if d := l.NotBefore.Sub(req.NotBefore); d > upstreamLifetimeSlack {
 		return fmt.Errorf("the leaf is valid from %s; asked for %s", l.NotBefore.UTC().Format(time.RFC3339), req.NotBefore.UTC().Format(time.RFC3339))
@@ -110,6 +131,14 @@ func checkUpstreamLeaf(req SignRequest, got *UpstreamLeaf, roots []*x509.Certifi
 	}
 	return nil
 }
+
+// wrongLeafError is an upstream's answer that failed checkUpstreamLeaf.
+type wrongLeafError struct{ err error }
+
+func (e *wrongLeafError) Error() string {
+	return "the upstream CA returned a certificate meshca did not ask for: " + e.err.Error()
+}
+func (e *wrongLeafError) Unwrap() error { return e.err }
 
 // rootOf returns the root in roots that issued the top of got's chain.
 func rootOf(got *UpstreamLeaf, roots []*x509.Certificate) *x509.Certificate {

@@ -86,6 +86,21 @@ func Issue(t testing.TB, tmpl *x509.Certificate, key crypto.Signer, parent *x509
 	return cert
 }
 
+// IssueFor is Issue for a public key whose private key the caller does
+// not hold (a CSR's), signed by parent.
+func IssueFor(t testing.TB, tmpl *x509.Certificate, pub crypto.PublicKey, parent *x509.Certificate, parentKey crypto.Signer) *x509.Certificate {
+	t.Helper()
+	withSerial := *tmpl
+	if withSerial.SerialNumber == nil {
+		withSerial.SerialNumber = serial()
+	}
+	der, err := x509.CreateCertificate(rand.Reader, &withSerial, parent, pub, parentKey)
+	require.NoError(t, err)
+	cert, err := x509.ParseCertificate(der)
+	require.NoError(t, err)
+	return cert
+}
+
 // CSR returns a parsed certificate request signed by key, with an empty
 // subject and no names, as a CA that takes the names from elsewhere sees it.
 func CSR(t testing.TB, key crypto.Signer) *x509.CertificateRequest {
