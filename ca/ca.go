@@ -119,7 +119,7 @@ type CA struct {
 	// leavesUntil is the latest NotAfter (Unix seconds) of any leaf signed
 	// under the signing CA in force; publish hands it to subscribers as
 	// Change.OldLeavesUntil and starts over.
-	leavesUntil atomic.Int64
+	leavesUntil     atomic.Int64
 	bundleRefresh   time.Duration
 	upstreamTimeout time.Duration
 	// upstreamSlots bounds SignLeaf calls in flight.
