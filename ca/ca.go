@@ -13,6 +13,7 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -358,11 +359,12 @@ func (c *CA) Issue(ctx context.Context, req IssueRequest) (*Issued, error) {
 	return c.issue(ctx, caller, rule, csr, kt, req.Lifetime)
 }
 
-// IssueKey issues a leaf for caller over pub, a key meshca generated itself
+// IssueKey issues a leaf for caller over key, a key meshca generated itself
 // (central SDS): there is no CSR to check, and the leaf carries the
 // caller's identity by construction. The key type must be one the
-// caller's policy allows. Errors are those of Issue.
-func (c *CA) IssueKey(ctx context.Context, caller *authn.Caller, pub crypto.PublicKey, lifetime time.Duration) (*Issued, error) {
+// caller's policy allows. Only an Upstream needs a signed CSR, so only
+// then is key used to sign one. Errors are those of Issue.
+func (c *CA) IssueKey(ctx context.Context, caller *authn.Caller, key crypto.Signer, lifetime time.Duration) (*Issued, error) {
 	if caller == nil {
 		return nil, errors.New("issue: no caller")
 	}
@@ -370,6 +372,7 @@ func (c *CA) IssueKey(ctx context.Context, caller *authn.Caller, pub crypto.Publ
 		return nil, fmt.Errorf("%w: requested lifetime %s is negative; want 0 (policy default) or more", ErrBadRequest, lifetime)
 	}
 	rule := c.policy.Policy().Resolve(caller.Namespace, caller.ServiceAccount)
+	pub := key.Public()
 	kt, err := KeyTypeOfPublic(pub)
 	if err != nil {
 		return nil, fmt.Errorf("issue: %w: %w", err, ErrInvalidSignRequest)
@@ -382,6 +385,15 @@ func (c *CA) IssueKey(ctx context.Context, caller *authn.Caller, pub crypto.Publ
 		return nil, fmt.Errorf("issue: %w: %w", err, ErrInvalidSignRequest)
 	}
 	csr := &x509.CertificateRequest{PublicKey: pub, RawSubjectPublicKeyInfo: spki, URIs: []*url.URL{caller.ID.URL()}}
+	if c.upstream != nil {
+		der, err := x509.CreateCertificateRequest(rand.Reader, csr, key)
+		if err == nil {
+			csr, err = x509.ParseCertificateRequest(der)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("issue: CSR for the upstream: %w: %w", err, ErrInvalidSignRequest)
+		}
+	}
 	return c.issue(ctx, caller, rule, csr, kt, lifetime)
 }
 

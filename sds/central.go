@@ -54,7 +54,7 @@ func (s *Server) issue(ctx context.Context, st *stream) (*material, error) {
 	if err != nil {
 		return nil, call.End(fmt.Errorf("generate %s key: %w", rule.KeyTypes[0], err))
 	}
-	is, err := s.cfg.CA.IssueKey(ctx, c, key.Public(), 0)
+	is, err := s.cfg.CA.IssueKey(ctx, c, key, 0)
 	if err != nil {
 		return nil, call.End(err)
 	}

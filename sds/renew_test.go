@@ -33,12 +33,12 @@ type flakyCA struct {
 	attempts atomic.Int64
 }
 
-func (f *flakyCA) IssueKey(ctx context.Context, c *authn.Caller, pub crypto.PublicKey, lifetime time.Duration) (*ca.Issued, error) {
+func (f *flakyCA) IssueKey(ctx context.Context, c *authn.Caller, key crypto.Signer, lifetime time.Duration) (*ca.Issued, error) {
 	f.attempts.Add(1)
 	if f.down.Load() {
 		return nil, ca.ErrBackendUnavailable
 	}
-	return f.CA.IssueKey(ctx, c, pub, lifetime)
+	return f.CA.IssueKey(ctx, c, key, lifetime)
 }
 
 // TestRenewalSchedule runs the central renewal scheduler under synctest:

@@ -49,7 +49,7 @@ const ServiceLabel = "sds"
 // An Issuer issues certificates for keys the server generates, and says
 // when its trust bundle or signing CA changes. *ca.CA is one.
 type Issuer interface {
-	IssueKey(ctx context.Context, caller *authn.Caller, pub crypto.PublicKey, lifetime time.Duration) (*ca.Issued, error)
+	IssueKey(ctx context.Context, caller *authn.Caller, key crypto.Signer, lifetime time.Duration) (*ca.Issued, error)
 	Rule(namespace, serviceAccount string) ca.Effective
 	State() ca.State
 	Subscribe(fn func(ca.Change)) (cancel func())
