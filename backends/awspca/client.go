@@ -254,8 +254,9 @@ func (p *pca) callErr(op string, err error) error {
 	}
 	var netErr net.Error
 	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
-		return fmt.Errorf("%s: AWS Private CA did not answer within %sissueTimeout (%s): %w: %w",
-			op, configPath, p.cfg.IssueTimeout, err, ca.ErrBackendUnavailable)
+		return fmt.Errorf("%s: AWS Private CA did not answer within %sissueTimeout (%s): it was throttling, slow or unreachable "+
+			"(meshca_awspca_requests_total says which; check %sendpoint, %sregion and the network): %w: %w",
+			op, configPath, p.cfg.IssueTimeout, configPath, configPath, err, ca.ErrBackendUnavailable)
 	}
 	return fmt.Errorf("%s: AWS Private CA unreachable or failing (check %sendpoint, %sregion and the network): %w: %w",
 		op, configPath, configPath, err, ca.ErrBackendUnavailable)
