@@ -112,7 +112,7 @@ func TestEmulatorStartupValidation(t *testing.T) {
 				c.CAARN = c.CAARN[:strings.LastIndex(c.CAARN, "/")+1] + "00000000-0000-0000-0000-000000000000"
 			}, wantErr: awspca.ErrCAUnusable, setting: "backend.awsPCA.caARN"},
 		{name: "endpoint unreachable", emu: awspcaemu.Config{},
-			edit: func(c *awspca.Config) { c.Endpoint = "http://127.0.0.1:1"; c.IssueTimeout = 2 * time.Second },
+			edit:    func(c *awspca.Config) { c.Endpoint = "http://127.0.0.1:1"; c.IssueTimeout = 2 * time.Second },
 			wantErr: ca.ErrBackendUnavailable, setting: "backend.awsPCA.endpoint"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -255,3 +255,12 @@ func TestEmulatorRateLimitHolds(t *testing.T) {
 		require.GreaterOrEqual(t, gap, 900*time.Millisecond, "calls %d..%d came within %s", i, i+rps, gap)
 	}
 }
+
+func csrFor(tb testing.TB) *x509.CertificateRequest { return catest.CSR(tb, catest.Key(tb, "P-256")) }
+
+func signRequest(csr *x509.CertificateRequest) ca.SignRequest {
+	now := time.Now()
+	return ca.SignRequest{CSR: csr, ID: testID, NotBefore: now.Add(-30 * time.Second), NotAfter: now.Add(time.Hour)}
+}
+
+func stringsReader(s string) *strings.Reader { return strings.NewReader(s) }
