@@ -10,8 +10,11 @@ import (
 	"github.com/meshca/meshca/backends"
 	"github.com/meshca/meshca/backends/plugged"
 	"github.com/meshca/meshca/backends/selfsigned"
+	"github.com/meshca/meshca/backends/vault"
 	"github.com/meshca/meshca/ca"
 )
+
+var upstream = backends.Upstream{BundleRefreshInterval: time.Minute, Timeout: 10 * time.Second, MaxInFlight: 8}
 
 func TestValidate(t *testing.T) {
 	for _, tc := range []struct {
@@ -25,7 +28,15 @@ func TestValidate(t *testing.T) {
 			wantPaths: []string{"backend.selfSigned.keyType"}},
 		{name: "plugged", cfg: backends.Config{Type: backends.TypePlugged, Plugged: plugged.Config{Dir: "/etc/cacerts"}}},
 		{name: "plugged without dir", cfg: backends.Config{Type: backends.TypePlugged}, wantPaths: []string{"backend.plugged.dir"}},
-		{name: "unknown type", cfg: backends.Config{Type: "vault"}, wantPaths: []string{"backend.type", `"vault"`, "selfsigned, plugged"}},
+		{name: "unknown type", cfg: backends.Config{Type: "hsm"}, wantPaths: []string{"backend.type", `"hsm"`, "selfsigned, plugged, vault, awspca"}},
+		{name: "vault without address or auth", cfg: backends.Config{Type: backends.TypeVault, Upstream: upstream},
+			wantPaths: []string{"backend.vault.address", "backend.vault.auth.method"}},
+		{name: "vault", cfg: backends.Config{Type: backends.TypeVault, Upstream: upstream,
+			Vault: vault.Config{Address: "https://vault:8200", Auth: vault.Auth{Method: vault.AuthKubernetes, Kubernetes: vault.KubernetesAuth{Role: "meshca"}}}}},
+		{name: "vault with unbounded upstream", cfg: backends.Config{Type: backends.TypeVault,
+			Vault: vault.Config{Address: "https://vault:8200", Auth: vault.Auth{Method: vault.AuthKubernetes, Kubernetes: vault.KubernetesAuth{Role: "meshca"}}}},
+			wantPaths: []string{"backend.upstream.bundleRefreshInterval", "backend.upstream.timeout", "backend.upstream.maxInFlight"}},
+		{name: "awspca without CA", cfg: backends.Config{Type: backends.TypeAWSPCA, Upstream: upstream}, wantPaths: []string{"backend.awsPCA.caARN"}},
 		{name: "empty type", wantPaths: []string{"backend.type"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -59,7 +70,7 @@ func TestNew(t *testing.T) {
 	require.ErrorIs(t, err, plugged.ErrInvalidFiles)
 	require.Nil(t, b) // an untyped nil, not a nil *plugged.Backend
 
-	b, err = backends.New(t.Context(), backends.Config{Type: "awspca"}, deps)
+	b, err = backends.New(t.Context(), backends.Config{Type: "hsm"}, deps)
 	require.ErrorContains(t, err, "backend.type")
 	require.Nil(t, b)
 }

@@ -255,3 +255,51 @@ func sortedKeys[V any](m map[string]V) []string {
 func sortErrs(errs []error) {
 	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
 }
+
+// LongestMaxTTL returns the largest maxTTL any service account can get
+// under p, and the level that sets it ("built-in", "default",
+// "namespaces.<ns>", "serviceAccounts.<ns>/<sa>"), for checks of what a
+// backend must cover.
+func (p *Policy) LongestMaxTTL() (time.Duration, string) {
+	longest := p.Explain("", "")
+	best, from := longest.MaxTTL, longest.Source["maxTTL"]
+	for _, ns := range sortedKeys(p.Namespaces) {
+		if e := p.Explain(ns, ""); e.MaxTTL > best {
+			best, from = e.MaxTTL, e.Source["maxTTL"]
+		}
+	}
+	for _, key := range sortedKeys(p.ServiceAccounts) {
+		ns, sa, _ := strings.Cut(key, "/")
+		if e := p.Explain(ns, sa); e.MaxTTL > best {
+			best, from = e.MaxTTL, e.Source["maxTTL"]
+		}
+	}
+	return best, from
+}
+
+// CheckIntermediateRoom refuses an intermediate that leaves no room for
+// the policy's leaves: it must live at least MinLeavesPerIntermediate
+// times the longest maxTTL, and what is left of it at its renewal point
+// must cover one maxTTL leaf, so that leaves are not cut short by their
+// issuer's NotAfter. ttlSetting names the intermediate TTL setting in the
+// error.
+func (p *Policy) CheckIntermediateRoom(ic IntermediateConfig, ttlSetting string) error {
+	ic, err := ic.withDefaults()
+	if err != nil {
+		return err
+	}
+	maxTTL, from := p.LongestMaxTTL()
+	if ic.TTL < MinLeavesPerIntermediate*maxTTL {
+		return fmt.Errorf("%s (%s) must be at least %d × policy maxTTL (%s, from %s) = %s, so that several leaves fit in one intermediate's life; raise %s or lower maxTTL",
+			ttlSetting, ic.TTL, MinLeavesPerIntermediate, maxTTL, from, MinLeavesPerIntermediate*maxTTL, ttlSetting)
+	}
+	if left := time.Duration(float64(ic.TTL) * (1 - ic.RenewFraction)); left < maxTTL {
+		return fmt.Errorf("%s (%s) leaves %s after its renewal point (renew fraction %v), less than policy maxTTL (%s, from %s): leaves would be cut short; raise %s or lower the renew fraction",
+			ttlSetting, ic.TTL, left, ic.RenewFraction, maxTTL, from, ttlSetting)
+	}
+	return nil
+}
+
+// MinLeavesPerIntermediate is how many maxTTL leaves an intermediate's
+// lifetime must hold (CheckIntermediateRoom).
+const MinLeavesPerIntermediate = 3

@@ -1,8 +1,6 @@
 package awspca_test
 
 import (
-	"flag"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -58,17 +56,4 @@ func TestEmulatorConformanceIntermediate(t *testing.T) {
 		e := awspcaemu.Start(t, awspcaemu.Config{Subordinate: true})
 		return newBackend(t, emulatorConfig(e, awspca.ModeIntermediate))
 	})
-}
-
-// TestMain skips the one conformance case that the CA core, not this
-// backend, fails today: ca.checkUpstreamLeaf compares an upstream leaf's
-// NotAfter with the NotAfter asked for, without allowing for the cap at
-// the issuing CA's NotAfter that SignRequest documents, so a correctly
-// capped leaf is refused as "wrong". TestEmulatorDirectCapsNotAfter shows
-// the backend caps exactly. Remove this once the core allows the cap.
-func TestMain(m *testing.M) {
-	if f := flag.Lookup("test.skip"); f != nil && f.Value.String() == "" {
-		_ = f.Value.Set("^TestEmulatorConformanceDirect$/^CapsNotAfter$")
-	}
-	os.Exit(m.Run())
 }

@@ -89,7 +89,11 @@ func checkCmd(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if _, _, err := config.LoadPolicy(cfg.Policy.File); err != nil {
+	pol, _, err := config.LoadPolicy(cfg.Policy.File)
+	if err != nil {
+		return err
+	}
+	if err := cfg.Backend.CheckPolicy(pol); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "%s: valid (backend %s, authn %s)\n", *cfgPath, cfg.Backend.Type, strings.Join(cfg.Authn.Chain, ","))

@@ -114,6 +114,8 @@ type server struct {
 	serving   *serving.Cert
 	grpc      *grpc.Server
 	runners   map[string]ca.Runner
+	// backendStatus is a remote backend's login state; nil for others.
+	backendStatus func() error
 	authn     *kube.Authenticators
 	sds       *sds.Server
 	limits    edge.Limits
@@ -151,13 +153,26 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 	}
 
 	// Backend and the CA core over it.
-	backend, err := backends.New(ctx, cfg.Backend, backends.Deps{Log: log.With("component", "backend"), Reloads: reloads})
+	if err := cfg.Backend.CheckPolicy(pol); err != nil {
+		return nil, err
+	}
+	maxLeaf, _ := pol.LongestMaxTTL()
+	backend, err := backends.New(ctx, cfg.Backend, backends.Deps{Log: log.With("component", "backend"), Reloads: reloads,
+		Registerer: s.reg, MaxLeafTTL: maxLeaf})
 	if err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
+	}
+	if r, ok := backend.(ca.Runner); ok {
+		s.runners["backend"] = r // a remote backend's login
+	}
+	if st, ok := backend.(interface{ Status() error }); ok {
+		s.backendStatus = st.Status
 	}
 	s.ca, err = ca.New(ctx, ca.Config{
 		Backend: backend, Intermediate: cfg.Backend.IntermediateConfig(), Policy: store,
 		Metrics: ca.NewMetrics(s.reg), Log: log.With("component", "ca"),
+		BundleRefresh: cfg.Backend.Upstream.BundleRefreshInterval, UpstreamTimeout: cfg.Backend.Upstream.Timeout,
+		MaxUpstreamInFlight: cfg.Backend.Upstream.MaxInFlight,
 	})
 	if err != nil {
 		return nil, err

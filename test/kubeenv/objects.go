@@ -4,8 +4,11 @@ import (
 	"testing"
 	"time"
 
+	"strings"
+
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
@@ -119,4 +122,17 @@ func (e *Env) ServiceAccountConfig(t testing.TB, ns, sa string) *rest.Config {
 	cfg := rest.AnonymousClientConfig(e.Config)
 	cfg.BearerToken = e.Token(t, ns, sa, nil, time.Hour, nil)
 	return cfg
+}
+
+// BindClusterRole binds the cluster role to the service account ns/sa.
+func (e *Env) BindClusterRole(t testing.TB, role, ns, sa string) {
+	t.Helper()
+	_, err := e.Client.RbacV1().ClusterRoleBindings().Create(t.Context(), &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "kubeenv-" + strings.ReplaceAll(role, ":", "-") + "-" + ns + "-" + sa},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: ns, Name: sa}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("kubeenv: bind %s to %s/%s: %v", role, ns, sa, err)
+	}
 }

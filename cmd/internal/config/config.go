@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/meshca/meshca/authn"
+	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/authn/kube"
 	"github.com/meshca/meshca/backends"
 )
@@ -319,6 +320,12 @@ func (c *Config) applyDefaults() {
 	defDur(&c.SDS.RecheckInterval, 30*time.Second)
 	def(&c.Backend.Type, "selfsigned")
 	def(&c.Backend.SelfSigned.TrustDomain, c.TrustDomain)
+	def(&c.Backend.Vault.TrustDomain, c.TrustDomain)
+	defDur(&c.Backend.Upstream.BundleRefreshInterval, ca.DefaultBundleRefresh)
+	defDur(&c.Backend.Upstream.Timeout, ca.DefaultUpstreamTimeout)
+	if c.Backend.Upstream.MaxInFlight == 0 {
+		c.Backend.Upstream.MaxInFlight = ca.DefaultMaxUpstreamInFlight
+	}
 	defDur(&c.Policy.ReloadInterval, 5*time.Second)
 	def(&c.Log.Level, "info")
 	def(&c.Log.Format, "json")
