@@ -43,6 +43,16 @@ func (s *server) adminMux() *http.ServeMux {
 			problems = append(problems, "signing CA expired")
 		}
 		return problems
+	}, func() []string {
+		// Causes (hosts, Vault's messages) go to the log, not here.
+		var notes []string
+		if h := s.ca.Health(); h.Degraded {
+			notes = append(notes, fmt.Sprintf("degraded: the upstream CA has been failing since %s (see meshca_backend_degraded and the log)", h.Since.UTC().Format(time.RFC3339)))
+		}
+		if s.backendStatus != nil && s.backendStatus() != nil {
+			notes = append(notes, "degraded: meshca is not logged in to the upstream CA (see the log)")
+		}
+		return notes
 	}))
 	return mux
 }

@@ -87,8 +87,10 @@ func (r *readiness) problems() []string {
 }
 
 // handler serves /readyz: 200 "ok", or 503 with one problem a line. extra
-// adds problems found at request time.
-func (r *readiness) handler(extra func() []string) http.HandlerFunc {
+// adds problems found at request time; notes adds lines to a 200 answer
+// for states that do not stop meshca from serving (a degraded upstream
+// while an intermediate still signs).
+func (r *readiness) handler(extra, notes func() []string) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {
 		problems := append(r.problems(), extra()...)
 		if len(problems) > 0 {
@@ -96,5 +98,8 @@ func (r *readiness) handler(extra func() []string) http.HandlerFunc {
 			return
 		}
 		fmt.Fprintln(w, "ok")
+		for _, n := range notes() {
+			fmt.Fprintln(w, n)
+		}
 	}
 }
