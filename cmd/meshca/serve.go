@@ -107,21 +107,21 @@ func newLogger(c config.Log, w io.Writer) *slog.Logger {
 
 // server is meshca assembled from its configuration.
 type server struct {
-	cfg       *config.Config
-	log       *slog.Logger
-	reg       *prometheus.Registry
-	ca        *ca.CA
-	serving   *serving.Cert
-	grpc      *grpc.Server
-	runners   map[string]ca.Runner
+	cfg     *config.Config
+	log     *slog.Logger
+	reg     *prometheus.Registry
+	ca      *ca.CA
+	serving *serving.Cert
+	grpc    *grpc.Server
+	runners map[string]ca.Runner
 	// backendStatus is a remote backend's login state; nil for others.
 	backendStatus func() error
-	authn     *kube.Authenticators
-	sds       *sds.Server
-	limits    edge.Limits
-	ready     *readiness
-	auditFile *os.File
-	pprof     bool
+	authn         *kube.Authenticators
+	sds           *sds.Server
+	limits        edge.Limits
+	ready         *readiness
+	auditFile     *os.File
+	pprof         bool
 }
 
 // newServer builds every part from cfg, in dependency order: metrics, the

@@ -19,9 +19,9 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/meshca/meshca/authn"
-	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/authn/kube"
 	"github.com/meshca/meshca/backends"
+	"github.com/meshca/meshca/ca"
 )
 
 // Config is the whole of meshca's configuration. README.md documents every
