@@ -24,8 +24,8 @@ run: build ## run meshca on the embedded dev config (no cluster needed)
 	$(BIN)/meshca serve --dev
 
 .PHONY: test-servers
-test-servers: ## build (or reuse) etcd, kube-apiserver, pilot-agent and helm into $(MESHCA_BIN)
-	test/tools/build.sh etcd kube-apiserver pilot-agent helm
+test-servers: ## build (or reuse) etcd, kube-apiserver, pilot-agent, helm and vault into $(MESHCA_BIN)
+	test/tools/build.sh etcd kube-apiserver pilot-agent helm vault
 
 .PHONY: test
 test: test-servers ## run every test with -race (uncached: e2e tests build the binaries), including end-to-end ones on real servers

@@ -293,7 +293,7 @@ func (p *Policy) CheckIntermediateRoom(ic IntermediateConfig, ttlSetting string)
 		return fmt.Errorf("%s (%s) must be at least %d × policy maxTTL (%s, from %s) = %s, so that several leaves fit in one intermediate's life; raise %s or lower maxTTL",
 			ttlSetting, ic.TTL, MinLeavesPerIntermediate, maxTTL, from, MinLeavesPerIntermediate*maxTTL, ttlSetting)
 	}
-	if left := time.Duration(float64(ic.TTL) * (1 - ic.RenewFraction)); left < maxTTL {
+	if left := time.Duration(float64(ic.TTL) * (1 - ic.RenewFraction)).Round(time.Second); left < maxTTL {
 		return fmt.Errorf("%s (%s) leaves %s after its renewal point (renew fraction %v), less than policy maxTTL (%s, from %s): leaves would be cut short; raise %s or lower the renew fraction",
 			ttlSetting, ic.TTL, left, ic.RenewFraction, maxTTL, from, ttlSetting)
 	}

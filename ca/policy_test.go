@@ -154,3 +154,25 @@ func TestRenewAt(t *testing.T) {
 		require.False(t, at.After(nb.Add(24*time.Hour/100)), "nor after the renewal point")
 	}
 }
+
+// TestIntermediateRoom: an intermediate must hold several of the longest
+// maxTTL leaves, and what is left at its renewal point must hold one; the
+// error names both settings and where maxTTL comes from.
+func TestIntermediateRoom(t *testing.T) {
+	p := &ca.Policy{
+		Default:         ca.Rule{MaxTTL: 24 * time.Hour},
+		Namespaces:      map[string]ca.Rule{"batch": {MaxTTL: 48 * time.Hour}},
+		ServiceAccounts: map[string]ca.Rule{"batch/short": {MaxTTL: time.Hour}},
+	}
+	longest, from := p.LongestMaxTTL()
+	require.Equal(t, 48*time.Hour, longest)
+	require.Equal(t, "namespaces.batch", from)
+
+	require.NoError(t, p.CheckIntermediateRoom(ca.IntermediateConfig{TTL: 144 * time.Hour}, "backend.vault.intermediateTTL"))
+	err := p.CheckIntermediateRoom(ca.IntermediateConfig{TTL: 143 * time.Hour}, "backend.vault.intermediateTTL")
+	require.ErrorContains(t, err, "backend.vault.intermediateTTL (143h0m0s) must be at least 3 × policy maxTTL (48h0m0s, from namespaces.batch)")
+	err = p.CheckIntermediateRoom(ca.IntermediateConfig{TTL: 200 * time.Hour, RenewFraction: 0.9}, "backend.awsPCA.intermediateTTL")
+	require.ErrorContains(t, err, "backend.awsPCA.intermediateTTL (200h0m0s) leaves 20h0m0s after its renewal point")
+	// The built-in defaults fit: 30 days against 7.
+	require.NoError(t, (&ca.Policy{}).CheckIntermediateRoom(ca.IntermediateConfig{}, "x"))
+}

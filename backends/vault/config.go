@@ -32,7 +32,7 @@ const (
 // Defaults for the zero fields of Config.
 const (
 	DefaultMount                     = "pki"
-	DefaultIntermediateTTL           = 7 * 24 * time.Hour
+	DefaultIntermediateTTL           = ca.DefaultIntermediateTTL
 	DefaultIntermediateRenewFraction = ca.DefaultIntermediateRenewFraction
 	DefaultIntermediateKeyType       = ca.KeyECDSAP256
 	DefaultRequestTimeout            = 10 * time.Second
@@ -77,7 +77,7 @@ type Config struct {
 	Auth Auth `yaml:"auth"`
 	// IntermediateTTL is the lifetime asked for the intermediate (Vault
 	// may cap it at the mount's max_lease_ttl or its issuer's NotAfter).
-	// Default 7 days.
+	// Default 30 days.
 	IntermediateTTL time.Duration `yaml:"intermediateTTL"`
 	// IntermediateRenewFraction of its life passes before the next
 	// intermediate is obtained, in (0, 1). Default 0.5.

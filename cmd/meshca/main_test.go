@@ -127,6 +127,14 @@ func TestConfigCheck(t *testing.T) {
 		_, _, err := runMeshca(t, "config", "check", "--config", path)
 		require.ErrorContains(t, err, pol)
 	})
+
+	t.Run("intermediate too short for the policy", func(t *testing.T) {
+		pol := writeFile(t, "policy.yaml", "default:\n  maxTTL: 72h\n")
+		path := writeFile(t, "meshca.yaml", "authn:\n  kubeconfig: /k\npolicy:\n  file: "+pol+
+			"\nbackend:\n  type: vault\n  vault:\n    address: https://vault:8200\n    intermediateTTL: 168h\n    auth:\n      method: approle\n      appRole: {roleID: r, secretIDFile: /s}\n")
+		_, _, err := runMeshca(t, "config", "check", "--config", path)
+		require.ErrorContains(t, err, "backend.vault.intermediateTTL (168h0m0s) must be at least 3 × policy maxTTL (72h0m0s, from default)")
+	})
 }
 
 // TestConfigDevChecks: what `config dev` prints is a configuration that

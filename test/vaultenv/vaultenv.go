@@ -292,6 +292,7 @@ func parseCert(t testing.TB, v any) *x509.Certificate {
 	block, _ := pem.Decode([]byte(s))
 	if block == nil {
 		t.Fatalf("vaultenv: not a PEM certificate: %q", s)
+		return nil
 	}
 	c, err := x509.ParseCertificate(block.Bytes)
 	if err != nil {
