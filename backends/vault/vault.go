@@ -167,8 +167,11 @@ func newClient(cfg Config) (*api.Client, error) {
 		TLSClientConfig:     tlsCfg,
 		TLSHandshakeTimeout: 5 * time.Second,
 		MaxIdleConnsPerHost: 32,
-		IdleConnTimeout:     90 * time.Second,
-		ForceAttemptHTTP2:   true,
+		// Calls are bounded by the core (backend.upstream.maxInFlight);
+		// this bounds the connections behind them.
+		MaxConnsPerHost:   64,
+		IdleConnTimeout:   90 * time.Second,
+		ForceAttemptHTTP2: true,
 	}
 	vc, err := api.NewClient(&api.Config{
 		Address:    cfg.Address,

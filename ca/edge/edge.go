@@ -423,7 +423,7 @@ func Status(err error) *status.Status {
 	case errors.Is(err, ca.ErrBadCSR), errors.Is(err, ca.ErrBadRequest):
 		return status.New(codes.InvalidArgument, err.Error())
 	case errors.Is(err, ca.ErrBackendUnavailable):
-		return status.New(codes.Unavailable, "signing backend unavailable, retry later")
+		return status.New(codes.Unavailable, "the signing backend (the upstream CA, or an expired signing CA) is unavailable; the cause is in meshca's log; retry later")
 	default:
 		return status.New(codes.Internal, "internal error; see meshca logs")
 	}
