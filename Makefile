@@ -76,6 +76,10 @@ bench-sds: build ## hold 10,000 SDS streams: first secrets, memory per stream, b
 bench-admission: build ## new pods' p99 idle vs during a renewal storm that saturates meshca (admission control)
 	test/bench-admission.sh
 
+.PHONY: bench-upstream
+bench-upstream: build ## the Vault backend in intermediate vs direct mode under the same load (real Vault on loopback)
+	test/bench-upstream.sh
+
 .PHONY: bench-go
 bench-go: ## Go micro-benchmarks of the hot path (signing, token checks)
 	$(GO) test -run '^$$' -bench . -benchmem ./ca/ ./authn/...
