@@ -46,8 +46,12 @@ const (
 	configFile = "/etc/meshca/config.yaml"
 	policyFile = "/etc/meshca/policy/policy.yaml"
 	cacertsDir = "/etc/cacerts"
-	grpcPort   = 15012
-	adminPort  = 15014
+	// Where the vault backend's Secret and its projected service-account
+	// token are mounted; the token path is written into the config.
+	vaultDir       = "/etc/meshca/vault"
+	vaultTokenFile = "/var/run/secrets/meshca/vault/token"
+	grpcPort       = 15012
+	adminPort      = 15014
 )
 
 // variant is one set of values the chart is rendered with, and what the
@@ -59,6 +63,9 @@ type variant struct {
 
 	backend       string
 	cacertsSecret string // the Secret mounted at cacertsDir; "" for none
+	vaultSecret   string // the Secret mounted at vaultDir; "" for none
+	vaultAudience string // audience of the projected token at vaultTokenFile; "" for none
+	saAnnotations map[string]string
 	dataClaim     string // the PVC holding the selfsigned root; "" for none
 	replicas      int32
 	tokenReview   bool // the system:auth-delegator binding exists
@@ -89,6 +96,20 @@ var variants = []variant{
 		backend: "selfsigned", dataClaim: "meshca-root", replicas: 1,
 		dnsNames: []string{"ca.example.org"},
 		explain:  "default/app", wantSource: "built-in",
+	},
+	{
+		name: "vault", values: "vault.yaml", namespace: "mesh-vault",
+		backend: "vault", vaultSecret: "meshca-vault", vaultAudience: "vault.example.org", replicas: 2,
+		tokenReview: true, watchSAs: true, watchPods: true,
+		dnsNames: []string{"meshca.mesh-vault.svc", "meshca.mesh-vault.svc.cluster.local"},
+		explain:  "default/app", wantSource: "built-in",
+	},
+	{
+		name: "awspca", values: "awspca.yaml", namespace: "mesh-awspca",
+		backend: "awspca", replicas: 2, tokenReview: true, watchSAs: true, watchPods: true,
+		saAnnotations: map[string]string{"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/meshca"},
+		dnsNames:      []string{"meshca.mesh-awspca.svc", "meshca.mesh-awspca.svc.cluster.local"},
+		explain:       "default/app", wantSource: "built-in",
 	},
 }
 
@@ -142,7 +163,8 @@ func TestChartRefuses(t *testing.T) {
 		{name: "plugged dir is the chart's", set: []string{"config.backend.type=plugged", "config.backend.plugged.dir=/certs"}, wantMsg: "config.backend.plugged.dir"},
 		{name: "dev mode", set: []string{"config.dev.enabled=true"}, wantMsg: "config.dev"},
 		{name: "unknown persistence", set: []string{"persistence.type=hostPath"}, wantMsg: "persistence.type"},
-		{name: "unknown backend", set: []string{"config.backend.type=vault"}, wantMsg: "config.backend.type"},
+		{name: "unknown backend", set: []string{"config.backend.type=hsm"}, wantMsg: "config.backend.type"},
+		{name: "vault file without its Secret", set: []string{"config.backend.type=vault", "config.backend.vault.auth.method=token", "config.backend.vault.auth.tokenFile=/etc/meshca/vault/token"}, wantMsg: "vault.secretName"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := []string{"template", release, chartDir}
@@ -152,6 +174,25 @@ func TestChartRefuses(t *testing.T) {
 			_, err := h.run(t, args...)
 			require.ErrorContains(t, err, tc.wantMsg)
 		})
+	}
+}
+
+// TestVaultOwnTokenFile checks that a Kubernetes login with a token file of
+// its own gets no projected token, and keeps its path in the config.
+func TestVaultOwnTokenFile(t *testing.T) {
+	h := newHelm(t)
+	const own = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+	out, err := h.run(t, "template", release, chartDir, "--values", filepath.Join("testdata", "vault.yaml"),
+		"--set", "config.backend.vault.auth.kubernetes.tokenFile="+own)
+	require.NoError(t, err)
+	objs := objects(decode(t, out))
+	cm := one[corev1.ConfigMap](t, objs, "ConfigMap")
+	var cfg map[string]any
+	require.NoError(t, yaml.Unmarshal([]byte(cm.Data[path.Base(configFile)]), &cfg))
+	require.Equal(t, own, lookup(t, cfg, "backend", "vault", "auth", "kubernetes", "tokenFile"))
+	dep := one[appsv1.Deployment](t, objs, "Deployment")
+	for _, vol := range dep.Spec.Template.Spec.Volumes {
+		require.Nil(t, vol.Projected, "volume %s: no projected token with a tokenFile of its own", vol.Name)
 	}
 }
 
@@ -371,6 +412,11 @@ func checkObjects(t *testing.T, objs objects, v variant) {
 	require.Empty(t, objs.ofKind("ServiceMonitor"), "ServiceMonitor is off by default")
 
 	sa := one[corev1.ServiceAccount](t, objs, "ServiceAccount")
+	if len(v.saAnnotations) == 0 {
+		require.Empty(t, sa.Annotations)
+	} else {
+		require.Equal(t, v.saAnnotations, sa.Annotations, "ServiceAccount annotations (IRSA)")
+	}
 	cm := one[corev1.ConfigMap](t, objs, "ConfigMap")
 	var cfg map[string]any
 	require.NoError(t, yaml.Unmarshal([]byte(cm.Data[path.Base(configFile)]), &cfg))
@@ -420,8 +466,8 @@ func checkObjects(t *testing.T, objs objects, v variant) {
 	require.Greater(t, time.Duration(*pod.TerminationGracePeriodSeconds)*time.Second, grace)
 
 	// Mounts: the config file, the policy directory (not a subPath, so
-	// updates arrive), cacerts only for plugged, the root volume only with
-	// persistence.
+	// updates arrive), cacerts only for plugged, the vault Secret and
+	// projected token only for vault, the root volume only with persistence.
 	volumes := map[string]corev1.Volume{}
 	for _, vol := range pod.Volumes {
 		volumes[vol.Name] = vol
@@ -439,23 +485,49 @@ func checkObjects(t *testing.T, objs objects, v variant) {
 	require.Empty(t, polMount.SubPath, "a subPath mount never sees ConfigMap updates")
 	requireConfigMapItem(t, volumes[polMount.Name], cm.Name, path.Base(policyFile), path.Base(policyFile))
 
-	var secrets []string
+	var secrets, wantSecrets []string
 	for _, vol := range pod.Volumes {
 		if vol.Secret != nil {
 			secrets = append(secrets, vol.Secret.SecretName)
 		}
 	}
-	if v.cacertsSecret == "" {
-		require.Empty(t, secrets, "no Secret is mounted without the plugged backend")
-		_, ok := mounts[cacertsDir]
-		require.False(t, ok, "%s is mounted without the plugged backend", cacertsDir)
-	} else {
-		require.Equal(t, []string{v.cacertsSecret}, secrets)
-		m, ok := mounts[cacertsDir]
-		require.True(t, ok, "cacerts not mounted at %s", cacertsDir)
-		require.True(t, m.ReadOnly)
-		require.Equal(t, v.cacertsSecret, volumes[m.Name].Secret.SecretName)
+	for _, s := range []string{v.cacertsSecret, v.vaultSecret} {
+		if s != "" {
+			wantSecrets = append(wantSecrets, s)
+		}
+	}
+	require.ElementsMatch(t, wantSecrets, secrets, "mounted Secrets")
+	requireSecretMount(t, mounts, volumes, cacertsDir, v.cacertsSecret)
+	if v.cacertsSecret != "" {
 		require.Equal(t, cacertsDir, lookup(t, cfg, "backend", "plugged", "dir"))
+	}
+	requireSecretMount(t, mounts, volumes, vaultDir, v.vaultSecret)
+
+	// Vault's Kubernetes login: a projected token for Vault's audience,
+	// whose path the config names. No other projected volume.
+	var projected []string
+	for _, vol := range pod.Volumes {
+		if vol.Projected != nil {
+			projected = append(projected, vol.Name)
+		}
+	}
+	tokenMount, ok := mounts[path.Dir(vaultTokenFile)]
+	if v.vaultAudience == "" {
+		require.Empty(t, projected, "a projected token without Vault's Kubernetes login")
+		require.False(t, ok, "%s is mounted without Vault's Kubernetes login", path.Dir(vaultTokenFile))
+	} else {
+		require.True(t, ok, "no token mounted at %s", path.Dir(vaultTokenFile))
+		require.True(t, tokenMount.ReadOnly)
+		require.Equal(t, []string{tokenMount.Name}, projected)
+		sources := volumes[tokenMount.Name].Projected.Sources
+		require.Len(t, sources, 1)
+		tok := sources[0].ServiceAccountToken
+		require.NotNil(t, tok, "volume %s projects no service-account token", tokenMount.Name)
+		require.Equal(t, v.vaultAudience, tok.Audience)
+		require.Equal(t, path.Base(vaultTokenFile), tok.Path)
+		require.NotNil(t, tok.ExpirationSeconds)
+		require.EqualValues(t, 3600, *tok.ExpirationSeconds)
+		require.Equal(t, vaultTokenFile, lookup(t, cfg, "backend", "vault", "auth", "kubernetes", "tokenFile"))
 	}
 	claims := objs.ofKind("PersistentVolumeClaim")
 	if v.dataClaim == "" {
@@ -470,6 +542,9 @@ func checkObjects(t *testing.T, objs objects, v variant) {
 		require.NotNil(t, volumes[m.Name].PersistentVolumeClaim)
 		require.Equal(t, v.dataClaim, volumes[m.Name].PersistentVolumeClaim.ClaimName)
 		require.Equal(t, appsv1.RecreateDeploymentStrategyType, dep.Spec.Strategy.Type, "one pod at a time on the root volume")
+	}
+	if v.replicas > 1 {
+		require.Equal(t, appsv1.RollingUpdateDeploymentStrategyType, dep.Spec.Strategy.Type, "replicas sharing a root roll one at a time")
 	}
 
 	// The Service selects the pods and exposes gRPC and monitoring.
@@ -546,6 +621,25 @@ func nonRoot(pod *corev1.PodSecurityContext, c *corev1.SecurityContext) bool {
 		return *c.RunAsNonRoot
 	}
 	return pod != nil && pod.RunAsNonRoot != nil && *pod.RunAsNonRoot
+}
+
+// requireSecretMount asserts that Secret name is mounted read-only at dir,
+// group-readable (podSecurityContext.fsGroup) and no more, or that nothing
+// is mounted there when name is "".
+func requireSecretMount(t *testing.T, mounts map[string]corev1.VolumeMount, volumes map[string]corev1.Volume, dir, name string) {
+	t.Helper()
+	m, ok := mounts[dir]
+	if name == "" {
+		require.False(t, ok, "%s is mounted", dir)
+		return
+	}
+	require.True(t, ok, "Secret %s not mounted at %s", name, dir)
+	require.True(t, m.ReadOnly, "%s must be read-only", dir)
+	sec := volumes[m.Name].Secret
+	require.NotNil(t, sec, "volume %s at %s is not a Secret", m.Name, dir)
+	require.Equal(t, name, sec.SecretName)
+	require.NotNil(t, sec.DefaultMode)
+	require.EqualValues(t, 0o440, *sec.DefaultMode, "mode of the files in %s", dir)
 }
 
 // requireConfigMapItem asserts that vol projects key of ConfigMap name to

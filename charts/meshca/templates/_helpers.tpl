@@ -49,10 +49,59 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "meshca.policyDir" -}}/etc/meshca/policy{{- end -}}
 {{- define "meshca.cacertsDir" -}}/etc/cacerts{{- end -}}
 {{- define "meshca.dataDir" -}}/var/lib/meshca{{- end -}}
+{{- define "meshca.vaultDir" -}}/etc/meshca/vault{{- end -}}
+{{- define "meshca.vaultTokenFile" -}}/var/run/secrets/meshca/vault/token{{- end -}}
 
 {{- define "meshca.backendType" -}}
 {{- $b := .Values.config.backend | default dict -}}
 {{- default "selfsigned" $b.type -}}
+{{- end -}}
+
+{{/*
+meshca.vaultSecret is vault.secretName when the vault backend is used, ""
+otherwise: the Secret mounted at meshca.vaultDir. It refuses a vault
+configuration that reads a file from that directory when no Secret is set.
+*/}}
+{{- define "meshca.vaultSecret" -}}
+{{- if eq (include "meshca.backendType" .) "vault" -}}
+{{- $name := (.Values.vault | default dict).secretName | default "" -}}
+{{- $v := include "meshca.vaultValues" . | fromYaml -}}
+{{- $auth := $v.auth | default dict -}}
+{{- $files := dict
+  "caCertFile" $v.caCertFile
+  "auth.tokenFile" $auth.tokenFile
+  "auth.appRole.secretIDFile" ($auth.appRole | default dict).secretIDFile -}}
+{{- range $key := keys $files | sortAlpha -}}
+{{- $f := get $files $key | default "" | toString -}}
+{{- if and (not $name) (hasPrefix (printf "%s/" (include "meshca.vaultDir" $)) $f) -}}
+{{- fail (printf "config.backend.vault.%s is %s, but vault.secretName is empty: set it to the Secret to mount at %s" $key $f (include "meshca.vaultDir" $)) -}}
+{{- end -}}
+{{- end -}}
+{{- $name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* meshca.vaultValues is config.backend.vault as YAML ({} when unset). */}}
+{{- define "meshca.vaultValues" -}}
+{{- ((.Values.config.backend | default dict).vault | default dict) | toYaml -}}
+{{- end -}}
+
+{{/*
+meshca.vaultProjectedToken is "true" when the chart mounts a projected
+service-account token for Vault's Kubernetes login: the vault backend with
+auth.method kubernetes and no auth.kubernetes.tokenFile of its own.
+*/}}
+{{- define "meshca.vaultProjectedToken" -}}
+{{- if eq (include "meshca.backendType" .) "vault" -}}
+{{- $auth := (include "meshca.vaultValues" . | fromYaml).auth | default dict -}}
+{{- if and (eq ($auth.method | default "" | toString) "kubernetes") (not ($auth.kubernetes | default dict).tokenFile) -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshca.vaultTokenAudience" -}}
+{{- required "vault.tokenAudience is required for Vault's Kubernetes login" ((.Values.vault | default dict).tokenAudience) -}}
 {{- end -}}
 
 {{- define "meshca.authnChain" -}}
@@ -84,14 +133,16 @@ applied, as JSON: the chart grants list/watch on pods when it is not empty.
 
 {{/*
 meshca.replicas applies replicaCount's default and refuses several pods
-that would each make their own selfsigned root.
+that would each make their own selfsigned root. The other backends share a
+root: the cacerts Secret, or the upstream's root under which each vault or
+awspca pod holds its own intermediate.
 */}}
 {{- define "meshca.replicas" -}}
 {{- $type := include "meshca.backendType" . -}}
 {{- $n := 1 -}}
 {{- if not (kindIs "invalid" .Values.replicaCount) -}}
 {{- $n = int .Values.replicaCount -}}
-{{- else if eq $type "plugged" -}}
+{{- else if has $type (list "plugged" "vault" "awspca") -}}
 {{- $n = 2 -}}
 {{- end -}}
 {{- if and (eq $type "selfsigned") (gt $n 1) (ne .Values.persistence.type "pvc") -}}
@@ -180,6 +231,14 @@ keys the chart owns, which values.config must not set.
 {{- $ss := get $backend "selfSigned" | default dict -}}
 {{- $_ = set $ss "dir" (include "meshca.dataDir" .) -}}
 {{- $_ = set $backend "selfSigned" $ss -}}
+{{- else if include "meshca.vaultProjectedToken" . -}}
+{{- $vault := get $backend "vault" | default dict -}}
+{{- $auth := get $vault "auth" | default dict -}}
+{{- $k8s := get $auth "kubernetes" | default dict -}}
+{{- $_ = set $k8s "tokenFile" (include "meshca.vaultTokenFile" .) -}}
+{{- $_ = set $auth "kubernetes" $k8s -}}
+{{- $_ = set $vault "auth" $auth -}}
+{{- $_ = set $backend "vault" $vault -}}
 {{- end -}}
 {{- $_ = set $cfg "backend" $backend -}}
 {{- toYaml $cfg -}}
