@@ -272,3 +272,40 @@ func TestAuthorityBundleRefreshKeepsSigningRoot(t *testing.T) {
 		require.Equal(t, []*x509.Certificate{other.root, auth.Root}, c.State().Roots)
 	})
 }
+
+// TestUpstreamTimeoutIsUnavailable: when meshca's own bound on an upstream
+// call runs out, the caller (whose deadline has not) gets an outage, not
+// a deadline error it did not cause.
+func TestUpstreamTimeoutIsUnavailable(t *testing.T) {
+	pki := newUpstreamPKI(t, "slow")
+	up := &gatedUpstream{t: t, pki: pki, gate: make(chan struct{}), roots: []*x509.Certificate{pki.root}}
+	defer close(up.gate)
+	c, err := ca.New(t.Context(), ca.Config{Backend: up, UpstreamTimeout: 100 * time.Millisecond})
+	require.NoError(t, err)
+	now := time.Now()
+	_, err = c.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Hour)})
+	require.ErrorIs(t, err, ca.ErrBackendUnavailable)
+	require.NotErrorIs(t, err, context.DeadlineExceeded)
+	require.ErrorContains(t, err, "backend.upstream.timeout (100ms)")
+	require.True(t, c.Health().Degraded)
+}
+
+// clientTimeoutUpstream fails as an HTTP client whose own timeout ran out.
+type clientTimeoutUpstream struct{ *gatedUpstream }
+
+func (u clientTimeoutUpstream) SignLeaf(context.Context, ca.SignRequest) (*ca.UpstreamLeaf, error) {
+	return nil, fmt.Errorf("%w: Post \"https://vault/v1/pki/sign/mesh\": %w", ca.ErrBackendUnavailable, context.DeadlineExceeded)
+}
+
+// TestUpstreamClientTimeoutIsUnavailable: an upstream client's own timeout
+// (it wraps context.DeadlineExceeded) is an outage too, not the caller's
+// deadline.
+func TestUpstreamClientTimeoutIsUnavailable(t *testing.T) {
+	pki := newUpstreamPKI(t, "client-timeout")
+	c, err := ca.New(t.Context(), ca.Config{Backend: clientTimeoutUpstream{&gatedUpstream{t: t, pki: pki, roots: []*x509.Certificate{pki.root}}}})
+	require.NoError(t, err)
+	now := time.Now()
+	_, err = c.Sign(t.Context(), ca.SignRequest{CSR: catest.CSR(t, catest.Key(t, "P-256")), ID: testID, NotBefore: now, NotAfter: now.Add(time.Hour)})
+	require.ErrorIs(t, err, ca.ErrBackendUnavailable)
+	require.NotErrorIs(t, err, context.DeadlineExceeded)
+}

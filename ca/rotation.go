@@ -135,8 +135,12 @@ func (c *CA) mint(ctx context.Context) (State, error) {
 	callCtx, cancel := context.WithTimeout(ctx, c.upstreamTimeout)
 	defer cancel()
 	m, err := c.authority.MintCA(callCtx, MintRequest{CSR: csr, TTL: c.inter.TTL})
-	if err != nil && callCtx.Err() != nil && ctx.Err() == nil && !errors.Is(err, ErrBackendUnavailable) {
-		err = fmt.Errorf("%w: no answer within %s: %w", ErrBackendUnavailable, c.upstreamTimeout, err)
+	switch {
+	case err == nil, ctx.Err() != nil:
+	case callCtx.Err() != nil:
+		err = fmt.Errorf("%w: no answer within backend.upstream.timeout (%s): %v", ErrBackendUnavailable, c.upstreamTimeout, err)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		err = fmt.Errorf("%w: %v", ErrBackendUnavailable, err)
 	}
 	c.observe("mint", err)
 	if err != nil {

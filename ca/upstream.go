@@ -32,8 +32,15 @@ func (c *CA) signUpstream(ctx context.Context, req SignRequest) (*SignResponse, 
 			c.observe("sign", ctxErr)
 			return nil, fmt.Errorf("sign: %w", ctxErr)
 		}
-		if callCtx.Err() != nil && !errors.Is(err, ErrBackendUnavailable) {
-			err = fmt.Errorf("%w: no answer within %s: %w", ErrBackendUnavailable, c.upstreamTimeout, err)
+		switch {
+		case callCtx.Err() != nil:
+			// meshca's own bound ran out, not the caller's deadline: the
+			// caller gets Unavailable, so the cause is not wrapped.
+			err = fmt.Errorf("%w: no answer within backend.upstream.timeout (%s): %v", ErrBackendUnavailable, c.upstreamTimeout, err)
+		case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+			// The upstream client's own timeout (an HTTP client's):
+			// likewise an outage, not the caller's deadline.
+			err = fmt.Errorf("%w: %v", ErrBackendUnavailable, err)
 		}
 		c.observe("sign", err)
 		// As for a local signer, a request the upstream calls invalid is

@@ -89,3 +89,35 @@ func (u *fixedUpstream) SignLeaf(_ context.Context, req ca.SignRequest) (*ca.Ups
 func (u *fixedUpstream) TrustBundle(context.Context) ([]*x509.Certificate, error) {
 	return u.roots, nil
 }
+
+// csrUpstream records the CSR it was asked to sign.
+type csrUpstream struct {
+	*gatedUpstream
+	got *x509.CertificateRequest
+}
+
+func (u *csrUpstream) SignLeaf(ctx context.Context, req ca.SignRequest) (*ca.UpstreamLeaf, error) {
+	u.got = req.CSR
+	return u.gatedUpstream.SignLeaf(ctx, req)
+}
+
+// TestIssueKeyGivesUpstreamSignedCSR: central SDS generates keys itself; an
+// upstream (Vault, AWS) signs only real CSRs, so IssueKey makes one with
+// the key, naming exactly the caller.
+func TestIssueKeyGivesUpstreamSignedCSR(t *testing.T) {
+	pki := newUpstreamPKI(t, "csr")
+	up := &csrUpstream{gatedUpstream: &gatedUpstream{t: t, pki: pki, roots: []*x509.Certificate{pki.root}}}
+	c, err := ca.New(t.Context(), ca.Config{Backend: up})
+	require.NoError(t, err)
+	key := catest.Key(t, "P-256")
+	is, err := c.IssueKey(t.Context(), testCaller(t, "default", "web"), key, time.Hour)
+	require.NoError(t, err)
+	require.NotNil(t, up.got)
+	require.NotEmpty(t, up.got.Raw)
+	parsed, err := x509.ParseCertificateRequest(up.got.Raw)
+	require.NoError(t, err)
+	require.NoError(t, parsed.CheckSignature(), "signed by the key")
+	require.Len(t, parsed.URIs, 1)
+	require.Equal(t, testID.String(), parsed.URIs[0].String())
+	require.Contains(t, is.CertPEM, "BEGIN CERTIFICATE")
+}

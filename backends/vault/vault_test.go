@@ -463,3 +463,34 @@ func BenchmarkIssue(b *testing.B) {
 		})
 	}
 }
+
+// TestTLS: meshca reaches a Vault that serves TLS when caCertFile holds
+// its CA, and refuses it otherwise (no VAULT_CACERT or VAULT_SKIP_VERIFY
+// from the environment is honoured).
+func TestTLS(t *testing.T) {
+	env := vaultenv.StartWith(t, vaultenv.Options{TLS: true})
+	env.EnablePKI(t, "pki")
+	env.WriteRole(t, "pki", "mesh", trustDomain, 48*time.Hour, nil)
+	env.WritePolicy(t, "meshca", vaultenv.SignerPolicy("pki"))
+	tok, _ := env.Token(t, "meshca", time.Hour)
+	tf := filepath.Join(t.TempDir(), "token")
+	require.NoError(t, os.WriteFile(tf, []byte(tok), 0o600))
+	cfg := vault.Config{Mode: vault.ModeDirect, Address: env.Addr, Role: "mesh", TrustDomain: trustDomain,
+		Auth: vault.Auth{Method: vault.AuthToken, TokenFile: tf}}
+
+	t.Setenv("VAULT_SKIP_VERIFY", "true")
+	t.Setenv("VAULT_CACERT", env.CACertFile)
+	_, err := vault.New(t.Context(), cfg, vault.Deps{})
+	require.ErrorContains(t, err, "backend.vault.address")
+	require.ErrorContains(t, err, "certificate")
+
+	cfg.CACertFile = env.CACertFile
+	c, err := ca.New(t.Context(), ca.Config{Backend: newBackend(t, cfg, vault.Deps{})})
+	require.NoError(t, err)
+	_, err = sign(t, c, t.Context())
+	require.NoError(t, err)
+
+	cfg.TLSServerName = "vault.example.org"
+	_, err = vault.New(t.Context(), cfg, vault.Deps{})
+	require.ErrorContains(t, err, "vault.example.org", "the name checked is tlsServerName")
+}

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"crypto/x509"
 	"fmt"
 	"os"
@@ -10,6 +11,11 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/meshca/meshca/ca/catest"
 
 	"github.com/meshca/meshca/test/awspcaemu"
 	"github.com/meshca/meshca/test/pilotagent"
@@ -97,6 +103,73 @@ backend:
 			}
 		})
 	}
+
+	// Vault stops answering (SIGSTOP: connections hang, the worst case).
+	// Intermediate mode keeps issuing and stays ready, marked degraded;
+	// direct mode answers Unavailable within backend.upstream.timeout.
+	// Both recover when Vault does, without a restart.
+	t.Run("outage", func(t *testing.T) {
+		ms := map[string]*meshca{}
+		for _, mode := range []string{"intermediate", "direct"} {
+			ms[mode] = startMeshca(t, fmt.Sprintf(`authn:
+  chain: [jwt]
+  kubeconfig: %s
+backend:
+  type: vault
+  upstream: {bundleRefreshInterval: 1s, timeout: 2s}
+  vault:
+    mode: %s
+    address: %s
+    role: mesh
+    requestTimeout: 1s
+    auth: {method: kubernetes, kubernetes: {role: meshca, tokenFile: %s}}
+`, meshcaKubeconfig(t), mode, v.Addr, tokenFile))
+			ms[mode].roots = x509.NewCertPool()
+			ms[mode].roots.AddCert(pki.Root)
+		}
+		ns := uniqueNS("vault-outage")
+		env.CreateServiceAccount(t, ns, "web")
+		tok := env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil)
+		csr := csrPEM(t, catest.Key(t, "P-256"), spiffeID(ns, "web"))
+		issue := func(m *meshca) error {
+			ctx, cancel := context.WithTimeout(withToken(t.Context(), tok), 10*time.Second)
+			defer cancel()
+			_, err := m.client(t).CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: csr})
+			return err
+		}
+		for _, m := range ms {
+			require.Eventually(t, func() bool { return issue(m) == nil }, 20*time.Second, 100*time.Millisecond)
+		}
+
+		v.Pause(t)
+		paused := true
+		defer func() {
+			if paused {
+				v.Resume(t)
+			}
+		}()
+		inter, direct := ms["intermediate"], ms["direct"]
+		require.NoError(t, issue(inter), "the intermediate signs while Vault is down")
+		require.Eventually(t, func() bool {
+			code, body := inter.readyz()
+			return code == 200 && strings.Contains(body, "degraded") && inter.metric(t, "meshca_backend_degraded") == 1
+		}, 15*time.Second, 200*time.Millisecond, "ready, and marked degraded")
+		start := time.Now()
+		err := issue(direct)
+		require.Equal(t, codes.Unavailable, status.Code(err), "direct mode: %v", err)
+		require.Contains(t, status.Convert(err).Message(), "signing backend")
+		require.Less(t, time.Since(start), 8*time.Second, "bounded by backend.upstream.timeout")
+		require.Equal(t, 1.0, direct.metric(t, "meshca_backend_degraded"))
+
+		v.Resume(t)
+		paused = false
+		require.Eventually(t, func() bool { return issue(direct) == nil }, 20*time.Second, 200*time.Millisecond, "direct mode recovers")
+		require.Eventually(t, func() bool {
+			_, body := inter.readyz()
+			return !strings.Contains(body, "degraded") && inter.metric(t, "meshca_backend_degraded") == 0
+		}, 15*time.Second, 200*time.Millisecond, "intermediate mode recovers")
+		require.Equal(t, 0.0, direct.metric(t, "meshca_backend_degraded"))
+	})
 }
 
 // TestAWSPCABackend runs meshca serve on the AWS Private CA emulator (the

@@ -10,6 +10,7 @@ package vaultenv
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -44,15 +45,32 @@ type Env struct {
 	Client *api.Client
 	// Dir is the server's working directory, holding vault.log.
 	Dir string
+	// CACertFile, with TLS, is the PEM of the CA Vault's certificate
+	// chains to; "" without.
+	CACertFile string
 
 	bin  string
 	port int
+	tls  bool
 	p    *proc.Process
+}
+
+// Options changes how Start runs Vault.
+type Options struct {
+	// TLS serves https with a certificate from a CA Vault generates
+	// (-dev-tls); Env.CACertFile holds that CA.
+	TLS bool
 }
 
 // Start starts Vault for the test and stops it in t.Cleanup. Under go test
 // -short it skips the test.
 func Start(t testing.TB) *Env {
+	t.Helper()
+	return StartWith(t, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, opts Options) *Env {
 	t.Helper()
 	kubeenv.SkipIfShort(t)
 	dir, err := kubeenv.BinDir()
@@ -63,7 +81,7 @@ func Start(t testing.TB) *Env {
 	if st, err := os.Stat(bin); err != nil || st.Mode()&0o111 == 0 {
 		t.Fatalf("vaultenv: vault not found in %s: run test/tools/build.sh vault (or set MESHCA_BIN)", dir)
 	}
-	e := &Env{Dir: t.TempDir(), bin: bin}
+	e := &Env{Dir: t.TempDir(), bin: bin, tls: opts.TLS}
 	var lastErr error
 	for range startAttempts {
 		if lastErr = e.start(); lastErr == nil {
@@ -93,11 +111,22 @@ func (e *Env) start() error {
 		e.port = port
 	}
 	e.Addr = "http://127.0.0.1:" + strconv.Itoa(e.port)
+	args := []string{"server", "-dev", "-dev-listen-address=127.0.0.1:" + strconv.Itoa(e.port),
+		"-dev-root-token-id=" + RootToken, "-dev-no-store-token"}
+	httpClient := &http.Client{Timeout: 10 * time.Second}
+	if e.tls {
+		certDir := filepath.Join(e.Dir, "tls")
+		if err := os.MkdirAll(certDir, 0o700); err != nil {
+			return err
+		}
+		e.Addr = "https://127.0.0.1:" + strconv.Itoa(e.port)
+		e.CACertFile = filepath.Join(certDir, "vault-ca.pem")
+		args = append(args, "-dev-tls", "-dev-tls-cert-dir="+certDir, "-dev-tls-san=127.0.0.1")
+	}
 	p, err := proc.Start(proc.Config{
 		Name: "vault",
 		Path: e.bin,
-		Args: []string{"server", "-dev", "-dev-listen-address=127.0.0.1:" + strconv.Itoa(e.port),
-			"-dev-root-token-id=" + RootToken, "-dev-no-store-token"},
+		Args: args,
 		// HOME keeps the CLI's token helper inside Dir; no VAULT_* variable
 		// of the test's environment leaks in.
 		Env:     []string{"HOME=" + e.Dir, "PATH=" + os.Getenv("PATH")},
@@ -108,15 +137,31 @@ func (e *Env) start() error {
 		return err
 	}
 	e.p = p
-	c, err := api.NewClient(&api.Config{Address: e.Addr, HttpClient: &http.Client{Timeout: 10 * time.Second}})
+	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
+	defer cancel()
+	for e.tls {
+		// The CA file appears once Vault has made its certificate.
+		pemBytes, err := os.ReadFile(e.CACertFile)
+		if err == nil {
+			pool := x509.NewCertPool()
+			if pool.AppendCertsFromPEM(pemBytes) {
+				httpClient.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
+				break
+			}
+		}
+		if p.Exited() || ctx.Err() != nil {
+			p.Stop(time.Second)
+			return fmt.Errorf("vault wrote no CA file %s:\n%s", e.CACertFile, p.LogTail(20))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c, err := api.NewClient(&api.Config{Address: e.Addr, HttpClient: httpClient})
 	if err != nil {
 		p.Stop(time.Second)
 		return err
 	}
 	c.SetToken(RootToken)
 	e.Client = c
-	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
-	defer cancel()
 	for {
 		if p.Exited() {
 			if p.LogContains("address already in use") {
