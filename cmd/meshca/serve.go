@@ -148,7 +148,7 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 	if cfg.Policy.File != "" {
 		s.runners["policy"] = &config.PolicyWatcher{
 			Path: cfg.Policy.File, Store: store, Loaded: loaded, Interval: cfg.Policy.ReloadInterval,
-			Metrics: reloads, Log: log.With("component", "policy"),
+			Metrics: reloads, Log: log.With("component", "policy"), Check: cfg.Backend.CheckPolicy,
 		}
 	}
 

@@ -14,6 +14,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
+	"github.com/meshca/meshca/backends"
+	"github.com/meshca/meshca/backends/selfsigned"
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/reload"
 )
@@ -229,4 +231,29 @@ func TestKubeQPSNotANumber(t *testing.T) {
 		_, err := Parse([]byte("authn:\n  kubeQPS: " + v + "\n"))
 		require.ErrorContains(t, err, "authn.kubeQPS", v)
 	}
+}
+
+// TestPolicyWatcherChecksBackend: a new policy whose maxTTL the backend's
+// intermediate cannot hold is refused, and the last good one stays.
+func TestPolicyWatcherChecksBackend(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "policy.yaml")
+		write := func(s string) { require.NoError(t, os.WriteFile(path, []byte(s), 0o644)) }
+		write("default:\n  maxTTL: 24h\n")
+		p, loaded, err := LoadPolicy(path)
+		require.NoError(t, err)
+		store, err := ca.NewPolicyStore(p)
+		require.NoError(t, err)
+		metrics := reload.NewMetrics(nil)
+		b := backends.Config{Type: backends.TypeSelfSigned, SelfSigned: selfsigned.Config{Intermediate: true, IntermediateTTL: 96 * time.Hour}}
+		require.NoError(t, b.CheckPolicy(p))
+		w := &PolicyWatcher{Path: path, Store: store, Loaded: loaded, Interval: time.Second, Metrics: metrics,
+			Log: slog.New(slog.DiscardHandler), Check: b.CheckPolicy}
+		go w.Run(t.Context())
+		write("default:\n  maxTTL: 48h\n")
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		require.Equal(t, 24*time.Hour, store.Policy().Resolve("a", "b").MaxTTL, "the policy that does not fit is refused")
+		require.Equal(t, 1.0, testutil.ToFloat64(metrics.Reloads.WithLabelValues("policy", "failure")))
+	})
 }

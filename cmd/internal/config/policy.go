@@ -68,6 +68,9 @@ type PolicyWatcher struct {
 	// Metrics counts reloads as what="policy". Optional.
 	Metrics *reload.Metrics
 	Log     *slog.Logger
+	// Check refuses a new policy the backend cannot serve (an
+	// intermediate too short for its maxTTL). Optional.
+	Check func(*ca.Policy) error
 }
 
 // Run checks the file every Interval until ctx is done.
@@ -82,6 +85,11 @@ func (w *PolicyWatcher) Run(ctx context.Context) error {
 			p, err := ParsePolicy(f.Data)
 			if err != nil {
 				return err
+			}
+			if w.Check != nil {
+				if err := w.Check(p); err != nil {
+					return err
+				}
 			}
 			return w.Store.Store(p)
 		},
