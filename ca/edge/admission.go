@@ -41,6 +41,12 @@ type AdmissionConfig struct {
 	MaxInFlight int
 	Queue       int
 	QueueWait   time.Duration
+	// MaxRenewalsInFlight bounds the renewals among them. Renewals are
+	// CPU work that can wait (the proxy holds a valid certificate): with
+	// few running at once, a new pod competes for the CPU with those few,
+	// not with a whole renewal storm. Default GOMAXPROCS/2 (at least 1):
+	// renewals keep at most half the CPUs busy, the rest is for new pods.
+	MaxRenewalsInFlight int
 	// MaxKeys bounds the per-peer and per-identity limiters remembered.
 	// Default 100,000.
 	MaxKeys int
@@ -131,6 +137,7 @@ type Admission struct {
 	ids      *limiters
 	mu       sync.Mutex
 	inFlight int
+	renewing int // renewals among inFlight
 	// waiting holds, per priority, the requests queued for a slot.
 	waiting [2][]chan struct{}
 
@@ -162,6 +169,10 @@ func NewAdmission(cfg AdmissionConfig) *Admission {
 	if cfg.MaxInFlight <= 0 {
 		cfg.MaxInFlight = 16 * runtime.GOMAXPROCS(0)
 	}
+	if cfg.MaxRenewalsInFlight <= 0 {
+		cfg.MaxRenewalsInFlight = max(1, runtime.GOMAXPROCS(0)/2)
+	}
+	cfg.MaxRenewalsInFlight = min(cfg.MaxRenewalsInFlight, cfg.MaxInFlight)
 	if cfg.Queue <= 0 {
 		cfg.Queue = 512
 	}
@@ -255,14 +266,19 @@ func (a *Admission) Identity(id string, p Priority) error {
 
 // Acquire waits for an issuance slot and returns its release. When the
 // queue is full or the wait runs out it refuses. Renewals are refused
-// first: they may fill only half the queue, and a freed slot goes to a
-// first certificate before them.
+// first: they may fill only half the queue, at most MaxRenewalsInFlight of
+// them run at once, and a freed slot goes to a first certificate before
+// them.
 func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), err error) {
+	release = a.releaseFirst
+	if p == PriorityRenewal {
+		release = a.releaseRenewal
+	}
 	a.mu.Lock()
-	if a.inFlight < a.cfg.MaxInFlight && len(a.waiting[PriorityFirst]) == 0 && (p == PriorityFirst || len(a.waiting[PriorityRenewal]) == 0) {
-		a.inFlight++
+	if a.canRunLocked(p) && len(a.waiting[PriorityFirst]) == 0 && (p == PriorityFirst || len(a.waiting[PriorityRenewal]) == 0) {
+		a.startLocked(p)
 		a.mu.Unlock()
-		return a.release, nil
+		return release, nil
 	}
 	queued := len(a.waiting[PriorityFirst]) + len(a.waiting[PriorityRenewal])
 	limit := a.cfg.Queue
@@ -283,22 +299,23 @@ func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), er
 	select {
 	case <-ch:
 		a.cfg.Metrics.Queued.Observe(time.Since(start).Seconds())
-		return a.release, nil
+		return release, nil
 	case <-t.C:
 		err = a.overload(p)
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	for i, w := range a.waiting[p] {
 		if w == ch {
 			a.waiting[p] = append(a.waiting[p][:i], a.waiting[p][i+1:]...)
+			a.mu.Unlock()
 			return nil, err
 		}
 	}
+	a.mu.Unlock()
 	// Handed a slot just as it gave up: pass it on.
-	a.handOffLocked()
+	release()
 	return nil, err
 }
 
@@ -307,24 +324,38 @@ func (a *Admission) overload(p Priority) error {
 	return &ShedError{Reason: "overload", RetryAfter: a.cfg.QueueWait}
 }
 
-func (a *Admission) release() {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.handOffLocked()
+// canRunLocked says whether a request of priority p may start now.
+func (a *Admission) canRunLocked(p Priority) bool {
+	return a.inFlight < a.cfg.MaxInFlight && (p == PriorityFirst || a.renewing < a.cfg.MaxRenewalsInFlight)
 }
 
-// handOffLocked gives a freed slot to the first waiter, first
-// certificates before renewals, or returns it.
-func (a *Admission) handOffLocked() {
-	for _, p := range []Priority{PriorityFirst, PriorityRenewal} {
-		if len(a.waiting[p]) > 0 {
-			ch := a.waiting[p][0]
-			a.waiting[p] = a.waiting[p][1:]
+func (a *Admission) startLocked(p Priority) {
+	a.inFlight++
+	if p == PriorityRenewal {
+		a.renewing++
+	}
+}
+
+func (a *Admission) releaseFirst()   { a.release(PriorityFirst) }
+func (a *Admission) releaseRenewal() { a.release(PriorityRenewal) }
+
+// release frees a slot of priority p and starts the waiters that may run
+// now: first certificates before renewals.
+func (a *Admission) release(p Priority) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.inFlight--
+	if p == PriorityRenewal {
+		a.renewing--
+	}
+	for _, q := range []Priority{PriorityFirst, PriorityRenewal} {
+		for len(a.waiting[q]) > 0 && a.canRunLocked(q) {
+			ch := a.waiting[q][0]
+			a.waiting[q] = a.waiting[q][1:]
+			a.startLocked(q)
 			close(ch)
-			return
 		}
 	}
-	a.inFlight--
 }
 
 // limiters is a bounded set of token buckets by key.

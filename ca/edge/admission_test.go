@@ -125,3 +125,50 @@ func TestAdmissionWaiterThatGivesUpFreesNothing(t *testing.T) {
 	require.NoError(t, err)
 	r()
 }
+
+// TestAdmissionCapsRenewalsInFlight: however many renewals arrive, at most
+// MaxRenewalsInFlight run at once; a first certificate still starts at
+// once beside them, and a freed renewal slot goes to the next renewal.
+func TestAdmissionCapsRenewalsInFlight(t *testing.T) {
+	a := NewAdmission(AdmissionConfig{MaxInFlight: 8, MaxRenewalsInFlight: 2, Queue: 16, QueueWait: 10 * time.Second})
+	var releases []func()
+	for range 2 {
+		r, err := a.Acquire(t.Context(), PriorityRenewal)
+		require.NoError(t, err)
+		releases = append(releases, r)
+	}
+	third := make(chan func(), 1)
+	go func() {
+		r, err := a.Acquire(t.Context(), PriorityRenewal)
+		if err == nil {
+			third <- r
+		}
+	}()
+	require.Eventually(t, func() bool { a.mu.Lock(); defer a.mu.Unlock(); return len(a.waiting[PriorityRenewal]) == 1 }, 5*time.Second, time.Millisecond)
+
+	first, err := a.Acquire(t.Context(), PriorityFirst)
+	require.NoError(t, err, "a first certificate does not wait behind capped renewals")
+	select {
+	case <-third:
+		t.Fatal("a third renewal ran beside two")
+	default:
+	}
+	first()
+	select {
+	case <-third:
+		t.Fatal("a freed first-certificate slot went to a renewal over its cap")
+	case <-time.After(20 * time.Millisecond):
+	}
+	releases[0]()
+	r := <-third
+	a.mu.Lock()
+	require.Equal(t, 2, a.renewing)
+	require.Equal(t, 2, a.inFlight)
+	a.mu.Unlock()
+	r()
+	releases[1]()
+	a.mu.Lock()
+	require.Zero(t, a.inFlight)
+	require.Zero(t, a.renewing)
+	a.mu.Unlock()
+}

@@ -179,6 +179,9 @@ type Admission struct {
 	MaxInFlight int           `yaml:"maxInFlight"`
 	Queue       int           `yaml:"queue"`
 	QueueWait   time.Duration `yaml:"queueWait"`
+	// MaxRenewalsInFlight bounds the renewals among the issuances at
+	// once (0: 2 × CPUs).
+	MaxRenewalsInFlight int `yaml:"maxRenewalsInFlight"`
 }
 
 // Audit configures the audit trail.
@@ -435,8 +438,8 @@ func (c *Config) Validate() error {
 	if !(c.Admission.PeerRate > 0) || !(c.Admission.IdentityRate > 0) || math.IsInf(c.Admission.PeerRate, 0) || math.IsInf(c.Admission.IdentityRate, 0) {
 		bad("admission", "peerRate and identityRate must be positive numbers")
 	}
-	if c.Admission.PeerBurst < 1 || c.Admission.IdentityBurst < 1 || c.Admission.Queue < 1 || c.Admission.MaxInFlight < 0 {
-		bad("admission", "peerBurst, identityBurst and queue must be at least 1, maxInFlight not negative")
+	if c.Admission.PeerBurst < 1 || c.Admission.IdentityBurst < 1 || c.Admission.Queue < 1 || c.Admission.MaxInFlight < 0 || c.Admission.MaxRenewalsInFlight < 0 {
+		bad("admission", "peerBurst, identityBurst and queue must be at least 1, maxInFlight and maxRenewalsInFlight not negative")
 	}
 	if c.Admission.QueueWait < time.Millisecond || c.Admission.QueueWait > time.Minute {
 		bad("admission.queueWait", "must be between 1ms and 1m, got %s", c.Admission.QueueWait)
