@@ -46,7 +46,12 @@ type AdmissionConfig struct {
 	// few running at once, a new pod competes for the CPU with those few,
 	// not with a whole renewal storm. Default GOMAXPROCS/2 (at least 1):
 	// renewals keep at most half the CPUs busy, the rest is for new pods.
+	// The cap holds only while first certificates are being asked for
+	// (one within FirstWindow): renewals alone use every slot.
 	MaxRenewalsInFlight int
+	// FirstWindow is how long after a first certificate was asked for the
+	// renewal cap stays on. Default 1s.
+	FirstWindow time.Duration
 	// MaxKeys bounds the per-peer and per-identity limiters remembered.
 	// Default 100,000.
 	MaxKeys int
@@ -138,6 +143,8 @@ type Admission struct {
 	mu       sync.Mutex
 	inFlight int
 	renewing int // renewals among inFlight
+	// lastFirst is when a first certificate was last asked for.
+	lastFirst time.Time
 	// waiting holds, per priority, the requests queued for a slot.
 	waiting [2][]chan struct{}
 
@@ -173,6 +180,9 @@ func NewAdmission(cfg AdmissionConfig) *Admission {
 		cfg.MaxRenewalsInFlight = max(1, runtime.GOMAXPROCS(0)/2)
 	}
 	cfg.MaxRenewalsInFlight = min(cfg.MaxRenewalsInFlight, cfg.MaxInFlight)
+	if cfg.FirstWindow <= 0 {
+		cfg.FirstWindow = time.Second
+	}
 	if cfg.Queue <= 0 {
 		cfg.Queue = 512
 	}
@@ -275,6 +285,9 @@ func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), er
 		release = a.releaseRenewal
 	}
 	a.mu.Lock()
+	if p == PriorityFirst {
+		a.lastFirst = time.Now()
+	}
 	if a.canRunLocked(p) && len(a.waiting[PriorityFirst]) == 0 && (p == PriorityFirst || len(a.waiting[PriorityRenewal]) == 0) {
 		a.startLocked(p)
 		a.mu.Unlock()
@@ -326,7 +339,10 @@ func (a *Admission) overload(p Priority) error {
 
 // canRunLocked says whether a request of priority p may start now.
 func (a *Admission) canRunLocked(p Priority) bool {
-	return a.inFlight < a.cfg.MaxInFlight && (p == PriorityFirst || a.renewing < a.cfg.MaxRenewalsInFlight)
+	if a.inFlight >= a.cfg.MaxInFlight {
+		return false
+	}
+	return p == PriorityFirst || a.renewing < a.cfg.MaxRenewalsInFlight || time.Since(a.lastFirst) > a.cfg.FirstWindow
 }
 
 func (a *Admission) startLocked(p Priority) {
