@@ -5,6 +5,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 )
@@ -101,12 +103,15 @@ func (c *CA) fetchBundle(ctx context.Context, src BundleSource) ([]*x509.Certifi
 }
 
 // refreshBundle fetches the trust bundle every bundleRefresh until ctx is
-// done, and publishes a change. While a signing CA is in force its root
-// stays in the bundle even if the upstream no longer lists it: leaves it
-// signed must keep verifying until the next intermediate replaces it.
+// done, and publishes a change. A root the upstream no longer lists stays
+// in the bundle for the policy's longest maxTTL after it was last seen
+// (leaves under it may live that long; never past its own NotAfter), and
+// while an intermediate is in use its root stays too: leaves signed under
+// either must keep verifying.
 func (c *CA) refreshBundle(ctx context.Context, src BundleSource) {
 	t := time.NewTicker(c.bundleRefresh)
 	defer t.Stop()
+	retired := map[string]retiredRoot{} // by DER
 	for {
 		select {
 		case <-ctx.Done():
@@ -121,9 +126,32 @@ func (c *CA) refreshBundle(ctx context.Context, src BundleSource) {
 			continue
 		}
 		cur := c.State()
-		next := State{Signing: cur.Signing, Roots: roots}
-		if cur.Signing != nil && !containsCert(roots, cur.Signing.Root()) {
-			next.Roots = append(roots[:len(roots):len(roots)], cur.Signing.Root())
+		now := c.now()
+		maxTTL, _ := c.policy.Policy().LongestMaxTTL()
+		for _, r := range cur.Roots {
+			if !containsCert(roots, r) {
+				if _, ok := retired[string(r.Raw)]; !ok {
+					until := now.Add(maxTTL + c.backdate)
+					if r.NotAfter.Before(until) {
+						until = r.NotAfter
+					}
+					retired[string(r.Raw)] = retiredRoot{cert: r, until: until}
+					c.log.Info("the upstream no longer lists a root; it stays in the bundle while leaves under it may live",
+						"root", r.Subject.String(), "until", until)
+				}
+			}
+		}
+		next := State{Signing: cur.Signing, Roots: roots[:len(roots):len(roots)]}
+		for _, k := range slices.Sorted(maps.Keys(retired)) { // a stable order: no flapping
+			switch r := retired[k]; {
+			case containsCert(roots, r.cert), !now.Before(r.until):
+				delete(retired, k)
+			default:
+				next.Roots = append(next.Roots, r.cert)
+			}
+		}
+		if cur.Signing != nil && !containsCert(next.Roots, cur.Signing.Root()) {
+			next.Roots = append(next.Roots, cur.Signing.Root())
 		}
 		if sameCerts(cur.Roots, next.Roots) {
 			continue
@@ -134,6 +162,12 @@ func (c *CA) refreshBundle(ctx context.Context, src BundleSource) {
 		}
 		c.log.Info("the upstream's trust bundle changed", "roots", len(next.Roots))
 	}
+}
+
+// retiredRoot is a root the upstream dropped, kept until until.
+type retiredRoot struct {
+	cert  *x509.Certificate
+	until time.Time
 }
 
 // acquireUpstream takes a SignLeaf slot, waiting until ctx ends.

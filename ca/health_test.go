@@ -309,3 +309,31 @@ func TestUpstreamClientTimeoutIsUnavailable(t *testing.T) {
 	require.ErrorIs(t, err, ca.ErrBackendUnavailable)
 	require.NotErrorIs(t, err, context.DeadlineExceeded)
 }
+
+// TestUpstreamDroppedRootRetires: a root the upstream stops listing stays
+// in the bundle for the policy's longest maxTTL (leaves under it live that
+// long), then goes.
+func TestUpstreamDroppedRootRetires(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		old, next := newUpstreamPKI(t, "old"), newUpstreamPKI(t, "next")
+		up := &gatedUpstream{t: t, pki: old, roots: []*x509.Certificate{old.root}}
+		store, err := ca.NewPolicyStore(&ca.Policy{Default: ca.Rule{MaxTTL: time.Hour, DefaultTTL: time.Hour}})
+		require.NoError(t, err)
+		c, err := ca.New(t.Context(), ca.Config{Backend: up, Policy: store, BundleRefresh: time.Minute})
+		require.NoError(t, err)
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go func() { _ = c.Run(ctx) }()
+
+		up.setRoots(next.root)
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		require.Equal(t, []*x509.Certificate{next.root, old.root}, c.State().Roots, "the dropped root stays")
+		time.Sleep(time.Hour - 2*time.Minute)
+		synctest.Wait()
+		require.Len(t, c.State().Roots, 2, "still there while a leaf under it may live")
+		time.Sleep(3 * time.Minute) // maxTTL plus the 30s back-date, then the next refresh
+		synctest.Wait()
+		require.Equal(t, []*x509.Certificate{next.root}, c.State().Roots, "and goes once its leaves have expired")
+	})
+}

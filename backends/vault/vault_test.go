@@ -354,7 +354,8 @@ func TestVaultDown(t *testing.T) {
 }
 
 // TestBundleFollowsVault: a new default issuer in the mount reaches the
-// trust bundle through the refresh, without a restart.
+// trust bundle through the refresh, without a restart; the old root stays
+// beside it.
 func TestBundleFollowsVault(t *testing.T) {
 	f := newFixture(t)
 	cfg := f.config(t, vault.ModeDirect)
@@ -367,8 +368,9 @@ func TestBundleFollowsVault(t *testing.T) {
 	f.env.Write(t, "pki/config/issuers", map[string]any{"default": "next"})
 	require.Eventually(t, func() bool {
 		roots := c.State().Roots
-		return len(roots) == 1 && roots[0].Subject.CommonName == "vaultenv root 2"
+		return len(roots) == 2 && roots[0].Subject.CommonName == "vaultenv root 2"
 	}, 10*time.Second, 50*time.Millisecond)
+	require.True(t, c.State().Roots[1].Equal(f.pki.Root), "the old root stays while leaves under it may live")
 	resp, err := sign(t, c, t.Context())
 	require.NoError(t, err)
 	leaf, err := x509.ParseCertificate(resp.Leaf)
