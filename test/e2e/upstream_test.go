@@ -94,10 +94,21 @@ backend:
         tokenFile: %s
 `, meshcaKubeconfig(t), mode, v.Addr, tokenFile))
 			agentGetsUpstreamCert(t, m, pki.Root, mode == "direct", pki.Root.Subject.CommonName)
+
+			// Central SDS: meshca generates the key; in direct mode Vault
+			// signs the CSR meshca makes with it.
+			ns := uniqueNS("vault-sds")
+			env.CreateServiceAccount(t, ns, "web")
+			p := envoy(t, m.sdsConn(t, nil), env.Token(t, ns, "web", []string{"istio-ca"}, time.Hour, nil), "default", "ROOTCA")
+			st := waitState(t, p, "default and ROOTCA", 30*time.Second, hasSecrets("default", "ROOTCA"))
+			chain := checkSDSLeaf(t, st, "default", "ROOTCA", spiffeID(ns, "web"))
+			if mode == "direct" {
+				require.Equal(t, pki.Root.Subject.CommonName, chain[0].Issuer.CommonName, "Vault signed the SDS leaf")
+			}
 			require.Equal(t, 1.0, m.metric(t, `meshca_vault_logins_total{method="kubernetes",result="success"}`))
 			require.Equal(t, 1.0, m.metric(t, "meshca_vault_authenticated"))
 			if mode == "direct" {
-				require.GreaterOrEqual(t, m.metric(t, `meshca_backend_upstream_calls_total{operation="sign",result="success"}`), 2.0, "the serving certificate and the agent's")
+				require.GreaterOrEqual(t, m.metric(t, `meshca_backend_upstream_calls_total{operation="sign",result="success"}`), 3.0, "the serving certificate, the agent's and the SDS leaf")
 			} else {
 				require.Equal(t, 1.0, m.metric(t, `meshca_backend_upstream_calls_total{operation="mint",result="success"}`))
 			}
