@@ -20,7 +20,6 @@ import (
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
@@ -41,6 +40,8 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 	podRate := fs.Int("pod-rate", 100, "new pods per second, in both phases")
 	idle := fs.Duration("idle", 5*time.Second, "the idle phase")
 	storm := fs.Duration("storm", 10*time.Second, "the storm phase")
+	stormProcess := fs.Bool("storm-process", true, "run the renewal storm in a child process: renewing proxies are other processes than the new pods, so the new pods' client does not queue behind the storm's goroutines")
+	stormOnly := fs.Bool("storm-only", false, "internal: be the storm process (renew until stdin closes; a line on stdin prints the counts)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -58,10 +59,14 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 		return err
 	}
 	mint := func(ns, sa string) (string, error) { return mintWith(cfg, key, ns, sa, "", time.Hour) }
+	sa := stormArgs{addr: *addr, caCert: *caCert, renewers: *renewers, renewConns: *renewConns, mint: mint, trustDomain: cfg.TrustDomain}
+	if *stormOnly {
+		return stormChild(ctx, sa, os.Stdin, stdout)
+	}
 
 	// New pods: a token and CSR each, never seen by meshca before.
 	pods := *podRate * int((*idle + *storm + 2*time.Second).Seconds())
-	fmt.Fprintf(stderr, "preparing %d new pods and %d renewing workloads...\n", pods, *renewConns)
+	fmt.Fprintf(stderr, "preparing %d new pods...\n", pods)
 	type ask struct{ token, csr string }
 	newPods := make([]ask, pods)
 	for i := range newPods {
@@ -89,39 +94,6 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 	}
 	defer podConn.Close()
 	podClient := pb.NewIstioCertificateServiceClient(podConn)
-
-	// Renewing workloads: each gets a certificate with a token, then
-	// renews with that certificate alone, on a connection of its own.
-	renewClients := make([]pb.IstioCertificateServiceClient, *renewConns)
-	renewCSRs := make([]string, *renewConns)
-	for i := range renewClients {
-		tok, err := mint("admission", fmt.Sprintf("renewer-%d", i))
-		if err != nil {
-			return err
-		}
-		id, err := idFromToken(tok, cfg.TrustDomain)
-		if err != nil {
-			return err
-		}
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			return err
-		}
-		csr, err := makeCSR(k, id)
-		if err != nil {
-			return err
-		}
-		resp, err := podClient.CreateCertificate(withToken(ctx, tok), &pb.IstioCertificateRequest{Csr: string(csr)}, grpc.WaitForReady(true))
-		if err != nil {
-			return fmt.Errorf("first certificate for a renewing workload: %w", err)
-		}
-		conn, err := dialWithCert(*addr, *caCert, k, resp.CertChain)
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		renewClients[i], renewCSRs[i] = pb.NewIstioCertificateServiceClient(conn), string(csr)
-	}
 
 	var next atomic.Int64
 	// podLoad sends new pods at podRate for d and returns their latencies.
@@ -161,54 +133,61 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 		return lat, failed
 	}
 
-	fmt.Fprintf(stdout, "new pods at %d/s; storm: %d renewals in flight over %d connections, each renewing with its client certificate\n", *podRate, *renewers, *renewConns)
+	where := "in this process"
+	if *stormProcess {
+		where = "in a child process"
+	}
+	fmt.Fprintf(stdout, "new pods at %d/s; storm (%s): %d renewals in flight over %d connections, each renewing with its client certificate\n", *podRate, where, *renewers, *renewConns)
 	idleLat, idleFailed := podLoad(*idle)
 
-	stop := make(chan struct{})
-	var renewed, shed, otherErr atomic.Int64
-	var wg sync.WaitGroup
-	for w := range *renewers {
-		wg.Go(func() {
-			c, csr := renewClients[w%len(renewClients)], renewCSRs[w%len(renewCSRs)]
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				_, err := c.CreateCertificate(cctx, &pb.IstioCertificateRequest{Csr: csr})
-				cancel()
-				switch status.Code(err) {
-				case codes.OK:
-					renewed.Add(1)
-				case codes.ResourceExhausted:
-					// A well-behaved client comes back when told to.
-					shed.Add(1)
-					select {
-					case <-stop:
-					case <-time.After(retryAfter(err)):
-					}
-				default:
-					otherErr.Add(1)
-				}
-			}
-		})
+	var (
+		stormLat            []time.Duration
+		stormFailed         int
+		rate                float64
+		shedCount, otherErr int64
+	)
+	if *stormProcess {
+		child, err := startStormChild(ctx, args, stderr)
+		if err != nil {
+			return err
+		}
+		time.Sleep(time.Second) // let the storm build
+		before, err := child.counts()
+		if err != nil {
+			return err
+		}
+		t0 := time.Now()
+		stormLat, stormFailed = podLoad(*storm)
+		elapsed := time.Since(t0)
+		after, err := child.counts()
+		if err != nil {
+			return err
+		}
+		if err := child.stop(); err != nil {
+			return err
+		}
+		rate = float64(after.renewed-before.renewed) / elapsed.Seconds()
+		shedCount, otherErr = after.shed, after.other
+	} else {
+		st, err := startStorm(ctx, sa)
+		if err != nil {
+			return err
+		}
+		time.Sleep(time.Second) // let the storm build
+		before := st.renewed.Load()
+		t0 := time.Now()
+		stormLat, stormFailed = podLoad(*storm)
+		elapsed := time.Since(t0)
+		rate = float64(st.renewed.Load()-before) / elapsed.Seconds()
+		st.stop()
+		shedCount, otherErr = st.shed.Load(), st.other.Load()
 	}
-	time.Sleep(time.Second) // let the storm build
-	before := renewed.Load()
-	t0 := time.Now()
-	stormLat, stormFailed := podLoad(*storm)
-	elapsed := time.Since(t0)
-	rate := float64(renewed.Load()-before) / elapsed.Seconds()
-	close(stop)
-	wg.Wait()
 
 	row := "%-24s %9s %9s %9s %8s\n"
 	fmt.Fprintf(stdout, row, "new pods", "requests", "p50", "p99", "failed")
 	fmt.Fprintf(stdout, row, "idle", fmt.Sprint(len(idleLat)), pct(idleLat, 0.5), pct(idleLat, 0.99), fmt.Sprint(idleFailed))
 	fmt.Fprintf(stdout, row, "during the storm", fmt.Sprint(len(stormLat)), pct(stormLat, 0.5), pct(stormLat, 0.99), fmt.Sprint(stormFailed))
-	fmt.Fprintf(stdout, "renewals during the storm: %.0f/s, %d told to retry later (ResourceExhausted, honoured), %d other errors\n", rate, shed.Load(), otherErr.Load())
+	fmt.Fprintf(stdout, "renewals during the storm: %.0f/s, %d told to retry later (ResourceExhausted, honoured), %d other errors\n", rate, shedCount, otherErr)
 	if len(idleLat) == 0 || len(stormLat) == 0 {
 		return fmt.Errorf("no new pod got a certificate")
 	}
