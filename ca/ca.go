@@ -15,7 +15,6 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -422,7 +421,7 @@ func (c *CA) issue(ctx context.Context, caller *authn.Caller, rule Effective, cs
 	}
 	c.metrics.Issued.WithLabelValues(string(kt)).Inc()
 	return &Issued{
-		CertPEM:   string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: resp.Leaf})),
+		CertPEM:   certPEM(resp.Leaf),
 		ChainPEM:  resp.ChainPEM,
 		Serial:    resp.Serial,
 		NotBefore: resp.NotBefore,

@@ -1,7 +1,6 @@
 package ca
 
 import (
-	"bytes"
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/pem"
@@ -109,7 +108,7 @@ func ParseCSR(der []byte) (*x509.CertificateRequest, KeyType, error) {
 	// The signer copies the key's encoding into the leaf. Go's parser
 	// tolerates trailing data inside it (and inside an RSA key), which
 	// other parsers refuse: only the canonical encoding goes through.
-	if canon, err := x509.MarshalPKIXPublicKey(csr.PublicKey); err != nil || !bytes.Equal(canon, csr.RawSubjectPublicKeyInfo) {
+	if !canonicalSPKI(csr.PublicKey, csr.RawSubjectPublicKeyInfo) {
 		return nil, "", csrErr(CSRNonCanonicalKey, "CSR's public key is not in canonical DER (it carries extra or non-minimal bytes); re-create the CSR with a standard library")
 	}
 	// Checked last: it is the expensive step, and the checks above refuse
