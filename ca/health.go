@@ -74,11 +74,13 @@ func (c *CA) observe(op string, err error) {
 	case err != nil && !was:
 		c.health.h = Health{Degraded: true, Since: c.now(), Err: err}
 		c.metrics.Degraded.Set(1)
-		if c.upstream != nil {
+		switch st := c.state.Load(); {
+		case c.upstream != nil, st == nil || st.Signing == nil:
+			// Direct mode, or no intermediate yet (the first mint).
 			c.log.Error("the upstream CA is failing: certificates cannot be issued until it answers again", "operation", op, "err", err)
-		} else {
+		default:
 			c.log.Error("the upstream CA is failing: leaves are still signed by the current intermediate", "operation", op,
-				"intermediate_not_after", c.State().Signing.NotAfter(), "err", err)
+				"intermediate_not_after", st.Signing.NotAfter(), "err", err)
 		}
 	case err != nil:
 		c.health.h.Err = err

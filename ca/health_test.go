@@ -337,3 +337,15 @@ func TestUpstreamDroppedRootRetires(t *testing.T) {
 		require.Equal(t, []*x509.Certificate{next.root}, c.State().Roots, "and goes once its leaves have expired")
 	})
 }
+
+// TestFirstMintFailure: an Authority that fails the very first mint makes
+// New fail with its error (and the backend degraded), not panic.
+func TestFirstMintFailure(t *testing.T) {
+	auth := catest.NewAuthority(t, 365*24*time.Hour)
+	auth.Down.Store(true)
+	m := ca.NewMetrics(nil)
+	_, err := ca.New(t.Context(), ca.Config{Backend: auth, Metrics: m})
+	require.ErrorIs(t, err, ca.ErrBackendUnavailable)
+	require.ErrorContains(t, err, "first intermediate")
+	require.Equal(t, 1.0, testutil.ToFloat64(m.Degraded))
+}

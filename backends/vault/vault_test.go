@@ -496,3 +496,21 @@ func TestTLS(t *testing.T) {
 	_, err = vault.New(t.Context(), cfg, vault.Deps{})
 	require.ErrorContains(t, err, "vault.example.org", "the name checked is tlsServerName")
 }
+
+// TestMintRefused: a Vault policy that does not allow signing the
+// intermediate fails meshca's start with Vault's refusal and the path,
+// not a panic or a hang.
+func TestMintRefused(t *testing.T) {
+	f := newFixture(t)
+	f.env.WritePolicy(t, "leaves-only", `path "pki/sign/*" { capabilities = ["update"] }
+path "pki/issuer/+/json" { capabilities = ["read"] }`)
+	tok, _ := f.env.Token(t, "leaves-only", time.Hour)
+	tf := filepath.Join(t.TempDir(), "token")
+	require.NoError(t, os.WriteFile(tf, []byte(tok), 0o600))
+	cfg := vault.Config{Address: f.env.Addr, TrustDomain: trustDomain, Auth: vault.Auth{Method: vault.AuthToken, TokenFile: tf}}
+	b := newBackend(t, cfg, vault.Deps{MinLoginInterval: time.Hour})
+	_, err := ca.New(t.Context(), ca.Config{Backend: b, Intermediate: cfg.IntermediateConfig()})
+	require.ErrorContains(t, err, "first intermediate")
+	require.ErrorContains(t, err, "pki/root/sign-intermediate")
+	require.ErrorContains(t, err, "permission denied")
+}
