@@ -91,17 +91,38 @@ func (c *CA) observe(op string, err error) {
 	}
 }
 
-// fetchBundle asks src for the trust bundle, bounded by the upstream
-// timeout, and records the outcome.
-func (c *CA) fetchBundle(ctx context.Context, src BundleSource) ([]*x509.Certificate, error) {
-	ctx, cancel := context.WithTimeout(ctx, c.upstreamTimeout)
+// callUpstream makes one call to the upstream (op: mint, sign, bundle)
+// under backend.upstream.timeout and records its outcome. When the caller
+// gave up, the error is the caller's context error. When meshca's own
+// bound ran out, or the upstream's client timed out by itself, it is
+// ErrBackendUnavailable with the cause as text only: the caller, whose
+// deadline has not passed, gets Unavailable, not DeadlineExceeded.
+func callUpstream[T any](c *CA, ctx context.Context, op string, call func(context.Context) (T, error)) (T, error) {
+	callCtx, cancel := context.WithTimeout(ctx, c.upstreamTimeout)
 	defer cancel()
-	roots, err := src.TrustBundle(ctx)
-	if err == nil && len(roots) == 0 {
-		err = fmt.Errorf("%w: the upstream returned an empty trust bundle", ErrBackendUnavailable)
+	v, err := call(callCtx)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		err = fmt.Errorf("%w: %v", ctx.Err(), err)
+	case callCtx.Err() != nil:
+		err = fmt.Errorf("%w: no answer within backend.upstream.timeout (%s): %v", ErrBackendUnavailable, c.upstreamTimeout, err)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		err = fmt.Errorf("%w: %v", ErrBackendUnavailable, err)
 	}
-	c.observe("bundle", err)
-	return roots, err
+	c.observe(op, err)
+	return v, err
+}
+
+// fetchBundle asks src for the trust bundle and records the outcome.
+func (c *CA) fetchBundle(ctx context.Context, src BundleSource) ([]*x509.Certificate, error) {
+	return callUpstream(c, ctx, "bundle", func(ctx context.Context) ([]*x509.Certificate, error) {
+		roots, err := src.TrustBundle(ctx)
+		if err == nil && len(roots) == 0 {
+			err = fmt.Errorf("%w: the upstream returned an empty trust bundle", ErrBackendUnavailable)
+		}
+		return roots, err
+	})
 }
 
 // refreshBundle fetches the trust bundle every bundleRefresh until ctx is

@@ -132,17 +132,9 @@ func (c *CA) mint(ctx context.Context) (State, error) {
 	if err != nil {
 		return State{}, err
 	}
-	callCtx, cancel := context.WithTimeout(ctx, c.upstreamTimeout)
-	defer cancel()
-	m, err := c.authority.MintCA(callCtx, MintRequest{CSR: csr, TTL: c.inter.TTL})
-	switch {
-	case err == nil, ctx.Err() != nil:
-	case callCtx.Err() != nil:
-		err = fmt.Errorf("%w: no answer within backend.upstream.timeout (%s): %v", ErrBackendUnavailable, c.upstreamTimeout, err)
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
-		err = fmt.Errorf("%w: %v", ErrBackendUnavailable, err)
-	}
-	c.observe("mint", err)
+	m, err := callUpstream(c, ctx, "mint", func(ctx context.Context) (*MintedCA, error) {
+		return c.authority.MintCA(ctx, MintRequest{CSR: csr, TTL: c.inter.TTL})
+	})
 	if err != nil {
 		return State{}, fmt.Errorf("mint intermediate: %w", err)
 	}

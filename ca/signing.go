@@ -12,7 +12,6 @@ import (
 	"crypto/sha512"
 	"crypto/x509"
 	"encoding/asn1"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"slices"
@@ -135,7 +134,7 @@ func NewSigningCA(cert *x509.Certificate, key crypto.Signer, chain []*x509.Certi
 	// The chain a client needs above its leaf: cert and everything above
 	// it. When cert is the root, that is the root alone.
 	for _, c := range full {
-		s.chainPEM = append(s.chainPEM, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})))
+		s.chainPEM = append(s.chainPEM, certPEM(c.Raw))
 	}
 	s.signedBy = fmt.Sprintf("%s serial=%x", cert.Subject, cert.SerialNumber)
 	s.notAfter = cert.NotAfter

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"time"
@@ -24,25 +23,26 @@ func (c *CA) signUpstream(ctx context.Context, req SignRequest) (*SignResponse, 
 		return nil, fmt.Errorf("sign upstream: %w", err)
 	}
 	defer release()
-	callCtx, cancel := context.WithTimeout(ctx, c.upstreamTimeout)
-	defer cancel()
-	got, err := c.upstream.SignLeaf(callCtx, req)
-	if err != nil {
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			c.observe("sign", ctxErr)
-			return nil, fmt.Errorf("sign: %w", ctxErr)
+	roots := c.State().Roots
+	got, err := callUpstream(c, ctx, "sign", func(ctx context.Context) (*UpstreamLeaf, error) {
+		got, err := c.upstream.SignLeaf(ctx, req)
+		if err != nil {
+			return nil, err
 		}
-		switch {
-		case callCtx.Err() != nil:
-			// meshca's own bound ran out, not the caller's deadline: the
-			// caller gets Unavailable, so the cause is not wrapped.
-			err = fmt.Errorf("%w: no answer within backend.upstream.timeout (%s): %v", ErrBackendUnavailable, c.upstreamTimeout, err)
-		case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
-			// The upstream client's own timeout (an HTTP client's):
-			// likewise an outage, not the caller's deadline.
-			err = fmt.Errorf("%w: %v", ErrBackendUnavailable, err)
+		if err := checkUpstreamLeaf(req, got, roots, c.now()); err != nil {
+			return nil, &wrongLeafError{err}
 		}
-		c.observe("sign", err)
+		return got, nil
+	})
+	var wrong *wrongLeafError
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		return nil, fmt.Errorf("sign: %w", err)
+	case errors.As(err, &wrong):
+		c.log.Error("the upstream CA returned a wrong certificate; it was not handed out", "id", req.ID.String(), "err", wrong.err)
+		return nil, fmt.Errorf("sign upstream: %w: %w", err, ErrBackendUnavailable)
+	default:
 		// As for a local signer, a request the upstream calls invalid is
 		// meshca's bug, not an outage.
 		if !errors.Is(err, ErrBackendUnavailable) && !errors.Is(err, ErrInvalidSignRequest) {
@@ -50,14 +50,6 @@ func (c *CA) signUpstream(ctx context.Context, req SignRequest) (*SignResponse, 
 		}
 		return nil, fmt.Errorf("sign upstream: %w", err)
 	}
-	roots := c.State().Roots
-	if err := checkUpstreamLeaf(req, got, roots, c.now()); err != nil {
-		werr := &wrongLeafError{err}
-		c.observe("sign", werr)
-		c.log.Error("the upstream CA returned a wrong certificate; it was not handed out", "id", req.ID.String(), "err", err)
-		return nil, fmt.Errorf("sign upstream: %w: %w", werr, ErrBackendUnavailable)
-	}
-	c.observe("sign", nil)
 	chain := got.Chain
 	if n := len(chain); n == 0 || !containsCert(roots, chain[n-1]) {
 		// Clients want the root last; add the one the leaf chains to.
@@ -67,7 +59,7 @@ func (c *CA) signUpstream(ctx context.Context, req SignRequest) (*SignResponse, 
 	}
 	chainPEM := make([]string, len(chain))
 	for i, cert := range chain {
-		chainPEM[i] = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}))
+		chainPEM[i] = certPEM(cert.Raw)
 	}
 	signedBy := "upstream"
 	if len(chain) > 0 {
