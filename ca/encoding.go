@@ -7,6 +7,8 @@ import (
 	"crypto/elliptic"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/pem"
+	"fmt"
 )
 
 // p256SPKIPrefix is the DER of a P-256 SubjectPublicKeyInfo up to its
@@ -54,4 +56,27 @@ func certPEM(der []byte) string {
 	}
 	out = append(out, end...)
 	return string(out)
+}
+
+// ParseCertificatesPEM parses every CERTIFICATE block of data, in order,
+// and skips blocks of other types (an upstream's chain may carry keys or
+// comments). No block is no certificates and no error; callers that need
+// one say so themselves.
+func ParseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	for {
+		var block *pem.Block
+		block, data = pem.Decode(data)
+		if block == nil {
+			return certs, nil
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %w", len(certs)+1, err)
+		}
+		certs = append(certs, c)
+	}
 }

@@ -443,22 +443,9 @@ func orderChain(c *x509.Certificate, pool []*x509.Certificate) []*x509.Certifica
 
 // parsePEMs parses every CERTIFICATE block of s; "" is no certificates.
 func parsePEMs(s string) ([]*x509.Certificate, error) {
-	var certs []*x509.Certificate
-	rest := []byte(s)
-	for {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		certs = append(certs, c)
+	certs, err := ca.ParseCertificatesPEM([]byte(s))
+	if err != nil {
+		return nil, err
 	}
 	if len(certs) == 0 && strings.TrimSpace(s) != "" {
 		return nil, errors.New("no PEM certificate")

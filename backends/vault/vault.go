@@ -379,22 +379,11 @@ func certsField(data map[string]any, key string) ([]*x509.Certificate, error) {
 	}
 	var certs []*x509.Certificate
 	for _, blob := range blobs {
-		rest := []byte(blob)
-		for {
-			var block *pem.Block
-			block, rest = pem.Decode(rest)
-			if block == nil {
-				break
-			}
-			if block.Type != "CERTIFICATE" {
-				continue
-			}
-			c, err := x509.ParseCertificate(block.Bytes)
-			if err != nil {
-				return nil, fmt.Errorf("%s: %w", key, err)
-			}
-			certs = append(certs, c)
+		c, err := ca.ParseCertificatesPEM([]byte(blob))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", key, err)
 		}
+		certs = append(certs, c...)
 	}
 	return certs, nil
 }

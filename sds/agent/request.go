@@ -196,21 +196,9 @@ func readRoots(path string) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read roots: %w", err)
 	}
-	var roots []*x509.Certificate
-	for rest := b; ; {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("parse roots in %s: %w", path, err)
-		}
-		roots = append(roots, c)
+	roots, err := ca.ParseCertificatesPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("parse roots in %s: %w", path, err)
 	}
 	if len(roots) == 0 {
 		return nil, fmt.Errorf("read roots: %s holds no PEM certificate", path)
