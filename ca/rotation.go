@@ -64,6 +64,60 @@ func (c IntermediateConfig) withDefaults() (IntermediateConfig, error) {
 	return c, errors.Join(errs...)
 }
 
+// IntermediateSettings are the configuration keys of the intermediate a
+// remote backend (vault, awspca) signs for meshca; each backend inlines
+// them into its YAML section.
+type IntermediateSettings struct {
+	// IntermediateTTL is the lifetime asked for; the upstream may cap it
+	// (at its own NotAfter, or a mount's maximum). Default
+	// DefaultIntermediateTTL (30 days); at least MinIntermediateTTL.
+	IntermediateTTL time.Duration `yaml:"intermediateTTL"`
+	// IntermediateRenewFraction of its life passes before the next
+	// intermediate is obtained, in (0, 1). Default 0.5.
+	IntermediateRenewFraction float64 `yaml:"intermediateRenewFraction"`
+	// IntermediateKeyType is the intermediate key's type, one of
+	// CAKeyTypes. Default ECDSA-P256.
+	IntermediateKeyType KeyType `yaml:"intermediateKeyType"`
+}
+
+// Validate reports each bad field by its dotted path, path being the
+// backend's section ("backend.vault.").
+func (s IntermediateSettings) Validate(path string) []error {
+	var errs []error
+	if s.IntermediateTTL < 0 {
+		errs = append(errs, fmt.Errorf("%sintermediateTTL: must not be negative (0 means the default, %s)", path, DefaultIntermediateTTL))
+	} else if s.IntermediateTTL > 0 && s.IntermediateTTL < MinIntermediateTTL {
+		errs = append(errs, fmt.Errorf("%sintermediateTTL: must be at least %s, got %s", path, MinIntermediateTTL, s.IntermediateTTL))
+	}
+	if f := s.IntermediateRenewFraction; f < 0 || f >= 1 {
+		errs = append(errs, fmt.Errorf("%sintermediateRenewFraction: must be in (0, 1) (0 means the default, %v), got %v", path, DefaultIntermediateRenewFraction, f))
+	}
+	if k := s.IntermediateKeyType; k != "" && !slices.Contains(CAKeyTypes, k) {
+		errs = append(errs, fmt.Errorf("%sintermediateKeyType: unknown key type %q, want one of %s", path, k, keyTypeList(CAKeyTypes)))
+	}
+	return errs
+}
+
+// WithDefaults returns s with its zero fields defaulted.
+func (s IntermediateSettings) WithDefaults() IntermediateSettings {
+	if s.IntermediateTTL == 0 {
+		s.IntermediateTTL = DefaultIntermediateTTL
+	}
+	if s.IntermediateRenewFraction == 0 {
+		s.IntermediateRenewFraction = DefaultIntermediateRenewFraction
+	}
+	if s.IntermediateKeyType == "" {
+		s.IntermediateKeyType = DefaultIntermediateKeyType
+	}
+	return s
+}
+
+// Config is the core's IntermediateConfig for s, with subject.
+func (s IntermediateSettings) Config(subject pkix.Name) IntermediateConfig {
+	d := s.WithDefaults()
+	return IntermediateConfig{TTL: d.IntermediateTTL, RenewFraction: d.IntermediateRenewFraction, KeyType: d.IntermediateKeyType, Subject: subject}
+}
+
 // nextMint returns how long to wait before minting the next intermediate,
 // given the one in use now and whether the last mint failed. It is a pure
 // function of its arguments: the renewal point is the fraction of cur's

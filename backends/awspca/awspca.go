@@ -136,16 +136,9 @@ type Config struct {
 	// Endpoint overrides the AWS Private CA endpoint (a VPC endpoint, or a
 	// test emulator). Empty: the SDK's endpoint for Region.
 	Endpoint string `yaml:"endpoint"`
-	// IntermediateTTL is the lifetime asked for meshca's intermediate,
-	// capped at the CA's NotAfter. Default 30 days; at least
-	// MinIntermediateTTL.
-	IntermediateTTL time.Duration `yaml:"intermediateTTL"`
-	// IntermediateRenewFraction is the fraction of its lifetime after
-	// which the intermediate is replaced, in (0, 1). Default 0.5.
-	IntermediateRenewFraction float64 `yaml:"intermediateRenewFraction"`
-	// IntermediateKeyType is the type of the intermediate's key. Default
-	// ECDSA-P256.
-	IntermediateKeyType ca.KeyType `yaml:"intermediateKeyType"`
+	// IntermediateSettings shape the intermediate (intermediate mode);
+	// AWS caps its lifetime at the CA's NotAfter.
+	ca.IntermediateSettings `yaml:",inline"`
 	// RequestsPerSecond bounds meshca's calls to AWS Private CA, retries and
 	// waiter polls included, to stay under the account's quota. Default 20.
 	RequestsPerSecond float64 `yaml:"requestsPerSecond"`
@@ -220,17 +213,7 @@ func (c Config) Validate() error {
 			bad("endpoint", "%q is not an http(s) URL", c.Endpoint)
 		}
 	}
-	if c.IntermediateTTL < 0 {
-		bad("intermediateTTL", "must not be negative (0 means the default, %s)", DefaultIntermediateTTL)
-	} else if c.IntermediateTTL > 0 && c.IntermediateTTL < MinIntermediateTTL {
-		bad("intermediateTTL", "must be at least %s, got %s", MinIntermediateTTL, c.IntermediateTTL)
-	}
-	if f := c.IntermediateRenewFraction; f < 0 || f >= 1 {
-		bad("intermediateRenewFraction", "must be in (0, 1) (0 means the default, %v), got %v", DefaultIntermediateRenewFraction, f)
-	}
-	if c.IntermediateKeyType != "" && !slices.Contains(ca.CAKeyTypes, c.IntermediateKeyType) {
-		bad("intermediateKeyType", "unknown key type %q, want one of %s", c.IntermediateKeyType, keyTypeList())
-	}
+	errs = append(errs, c.IntermediateSettings.Validate(configPath)...)
 	if c.RequestsPerSecond < 0 {
 		bad("requestsPerSecond", "must not be negative (0 means the default, %d)", DefaultRequestsPerSecond)
 	}
@@ -267,15 +250,7 @@ func (c Config) withDefaults() Config {
 		}
 		c.TemplateARN = "arn:" + partition + ":acm-pca:::template/" + name
 	}
-	if c.IntermediateTTL == 0 {
-		c.IntermediateTTL = DefaultIntermediateTTL
-	}
-	if c.IntermediateRenewFraction == 0 {
-		c.IntermediateRenewFraction = DefaultIntermediateRenewFraction
-	}
-	if c.IntermediateKeyType == "" {
-		c.IntermediateKeyType = DefaultIntermediateKeyType
-	}
+	c.IntermediateSettings = c.IntermediateSettings.WithDefaults()
 	if c.RequestsPerSecond == 0 {
 		c.RequestsPerSecond = DefaultRequestsPerSecond
 	}
@@ -291,15 +266,11 @@ func (c Config) withDefaults() Config {
 // IntermediateConfig returns the shape of the intermediates the CA core
 // should generate in intermediate mode.
 func (c Config) IntermediateConfig() ca.IntermediateConfig {
-	d := c.withDefaults()
 	cn := "meshca intermediate"
-	if d.TrustDomain != "" {
-		cn += " for " + d.TrustDomain
+	if c.TrustDomain != "" {
+		cn += " for " + c.TrustDomain
 	}
-	return ca.IntermediateConfig{
-		TTL: d.IntermediateTTL, RenewFraction: d.IntermediateRenewFraction, KeyType: d.IntermediateKeyType,
-		Subject: pkix.Name{CommonName: cn, Organization: []string{DefaultOrganization}},
-	}
+	return c.IntermediateSettings.Config(pkix.Name{CommonName: cn, Organization: []string{DefaultOrganization}})
 }
 
 // passthrough says whether the template takes names from ApiPassthrough.
@@ -313,14 +284,6 @@ func signingAlgorithmList() string {
 		names = append(names, string(a))
 	}
 	slices.Sort(names)
-	return strings.Join(names, ", ")
-}
-
-func keyTypeList() string {
-	names := make([]string, len(ca.CAKeyTypes))
-	for i, k := range ca.CAKeyTypes {
-		names[i] = string(k)
-	}
 	return strings.Join(names, ", ")
 }
 

@@ -7,6 +7,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/meshca/meshca/backends/awspca"
+	"github.com/meshca/meshca/ca"
 )
 
 func TestConfigValidate(t *testing.T) {
@@ -24,8 +25,8 @@ func TestConfigValidate(t *testing.T) {
 		{name: "not a CA ARN", cfg: awspca.Config{Region: "us-east-1", CAARN: "arn:aws:acm:us-east-1:111122223333:certificate/x"}, want: []string{"backend.awsPCA.caARN"}},
 		{name: "everything wrong", cfg: awspca.Config{
 			Mode: "proxy", Region: "Virginia", CAARN: arn, SigningAlgorithm: "MD5WITHRSA",
-			TemplateARN: "template/x", Endpoint: "ftp://x", IntermediateTTL: time.Minute, IntermediateRenewFraction: 1,
-			IntermediateKeyType: "DSA", RequestsPerSecond: -1, Burst: -1, IssueTimeout: time.Millisecond, TrustDomain: "not a domain",
+			TemplateARN: "template/x", Endpoint: "ftp://x", IntermediateSettings: ca.IntermediateSettings{IntermediateTTL: time.Minute, IntermediateRenewFraction: 1,
+				IntermediateKeyType: "DSA"}, RequestsPerSecond: -1, Burst: -1, IssueTimeout: time.Millisecond, TrustDomain: "not a domain",
 		}, want: []string{"backend.awsPCA.mode", "backend.awsPCA.region", "backend.awsPCA.signingAlgorithm", "backend.awsPCA.templateARN",
 			"backend.awsPCA.endpoint", "backend.awsPCA.intermediateTTL", "backend.awsPCA.intermediateRenewFraction",
 			"backend.awsPCA.intermediateKeyType", "backend.awsPCA.requestsPerSecond", "backend.awsPCA.burst",

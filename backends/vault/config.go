@@ -1,10 +1,10 @@
 package vault
 
 import (
+	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"net/url"
-	"slices"
 	"strings"
 	"time"
 
@@ -75,16 +75,9 @@ type Config struct {
 	Issuer string `yaml:"issuer"`
 	// Auth says how meshca logs in.
 	Auth Auth `yaml:"auth"`
-	// IntermediateTTL is the lifetime asked for the intermediate (Vault
-	// may cap it at the mount's max_lease_ttl or its issuer's NotAfter).
-	// Default 30 days.
-	IntermediateTTL time.Duration `yaml:"intermediateTTL"`
-	// IntermediateRenewFraction of its life passes before the next
-	// intermediate is obtained, in (0, 1). Default 0.5.
-	IntermediateRenewFraction float64 `yaml:"intermediateRenewFraction"`
-	// IntermediateKeyType is the intermediate key's type. Default
-	// ECDSA-P256.
-	IntermediateKeyType ca.KeyType `yaml:"intermediateKeyType"`
+	// IntermediateSettings shape the intermediate (intermediate mode);
+	// New refuses an intermediateTTL above the mount's max_lease_ttl.
+	ca.IntermediateSettings `yaml:",inline"`
 	// RequestTimeout bounds each HTTP request to Vault. Default 10s.
 	RequestTimeout time.Duration `yaml:"requestTimeout"`
 	// TrustDomain is the trust domain of the leaves; the role must allow
@@ -173,17 +166,7 @@ func (c Config) Validate() error {
 	default:
 		bad("auth.method", "unknown method %q, want token, kubernetes or approle", c.Auth.Method)
 	}
-	if c.IntermediateTTL < 0 {
-		bad("intermediateTTL", "must not be negative (0 means the default, %s)", DefaultIntermediateTTL)
-	} else if c.IntermediateTTL > 0 && c.IntermediateTTL < ca.MinIntermediateTTL {
-		bad("intermediateTTL", "must be at least %s, got %s", ca.MinIntermediateTTL, c.IntermediateTTL)
-	}
-	if f := c.IntermediateRenewFraction; f < 0 || f >= 1 {
-		bad("intermediateRenewFraction", "must be in (0, 1) (0 means the default, %v), got %v", DefaultIntermediateRenewFraction, f)
-	}
-	if k := c.IntermediateKeyType; k != "" && !slices.Contains(ca.CAKeyTypes, k) {
-		bad("intermediateKeyType", "unknown key type %q", k)
-	}
+	errs = append(errs, c.IntermediateSettings.Validate(configPath)...)
 	if c.RequestTimeout < 0 {
 		bad("requestTimeout", "must not be negative (0 means the default, %s)", DefaultRequestTimeout)
 	}
@@ -202,15 +185,7 @@ func (c Config) withDefaults() Config {
 	if c.Mount == "" {
 		c.Mount = DefaultMount
 	}
-	if c.IntermediateTTL == 0 {
-		c.IntermediateTTL = DefaultIntermediateTTL
-	}
-	if c.IntermediateRenewFraction == 0 {
-		c.IntermediateRenewFraction = DefaultIntermediateRenewFraction
-	}
-	if c.IntermediateKeyType == "" {
-		c.IntermediateKeyType = DefaultIntermediateKeyType
-	}
+	c.IntermediateSettings = c.IntermediateSettings.WithDefaults()
 	if c.RequestTimeout == 0 {
 		c.RequestTimeout = DefaultRequestTimeout
 	}
@@ -229,13 +204,9 @@ func (c Config) withDefaults() Config {
 // IntermediateConfig is the shape of the intermediates meshca generates in
 // intermediate mode.
 func (c Config) IntermediateConfig() ca.IntermediateConfig {
-	d := c.withDefaults()
 	cn := "meshca intermediate (Vault)"
-	if d.TrustDomain != "" {
-		cn = "meshca intermediate for " + d.TrustDomain + " (Vault)"
+	if c.TrustDomain != "" {
+		cn = "meshca intermediate for " + c.TrustDomain + " (Vault)"
 	}
-	ic := ca.IntermediateConfig{TTL: d.IntermediateTTL, RenewFraction: d.IntermediateRenewFraction, KeyType: d.IntermediateKeyType}
-	ic.Subject.CommonName = cn
-	ic.Subject.Organization = []string{"meshca"}
-	return ic
+	return c.IntermediateSettings.Config(pkix.Name{CommonName: cn, Organization: []string{"meshca"}})
 }
