@@ -205,23 +205,24 @@ func (b *backend) issuerRef() string {
 	return "default"
 }
 
-// write is a Vault write with meshca's token. A 403 may mean the token was
-// revoked: the session logs in again (at most once per interval) and the
-// write is retried once with the new token.
+// write is a Vault write with meshca's token; see retryRefused.
 func (b *backend) write(ctx context.Context, path string, data map[string]any) (*api.Secret, error) {
-	tok := b.sess.current()
-	s, err := b.vc.Logical().WriteWithContext(ctx, path, data)
-	if isForbidden(err) && b.sess.refused(ctx, tok) {
-		s, err = b.vc.Logical().WriteWithContext(ctx, path, data)
-	}
-	return s, classify(err)
+	return b.retryRefused(ctx, func() (*api.Secret, error) { return b.vc.Logical().WriteWithContext(ctx, path, data) })
 }
 
+// read is a Vault read with meshca's token; see retryRefused.
 func (b *backend) read(ctx context.Context, path string) (*api.Secret, error) {
+	return b.retryRefused(ctx, func() (*api.Secret, error) { return b.vc.Logical().ReadWithContext(ctx, path) })
+}
+
+// retryRefused makes call with meshca's token. A 403 may mean the token was
+// revoked: the session logs in again (at most once per interval) and the
+// call is made once more with the new token.
+func (b *backend) retryRefused(ctx context.Context, call func() (*api.Secret, error)) (*api.Secret, error) {
 	tok := b.sess.current()
-	s, err := b.vc.Logical().ReadWithContext(ctx, path)
+	s, err := call()
 	if isForbidden(err) && b.sess.refused(ctx, tok) {
-		s, err = b.vc.Logical().ReadWithContext(ctx, path)
+		s, err = call()
 	}
 	return s, classify(err)
 }
