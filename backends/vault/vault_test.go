@@ -50,6 +50,19 @@ func (f *fixture) tokenFile(t *testing.T, ttl time.Duration) (path, accessor str
 	return path, acc
 }
 
+// appRoleConfig enables AppRole with a role holding the signer policy,
+// whose tokens live tokenTTL, and returns a Config that logs in with it,
+// and the secret ID.
+func (f *fixture) appRoleConfig(t *testing.T, mode string, tokenTTL time.Duration) (vault.Config, string) {
+	t.Helper()
+	roleID, secretID := f.env.EnableAppRole(t, "meshca", "meshca", tokenTTL)
+	sf := filepath.Join(t.TempDir(), "secret-id")
+	require.NoError(t, os.WriteFile(sf, []byte(secretID), 0o600))
+	cfg := f.config(t, mode)
+	cfg.Auth = vault.Auth{Method: vault.AuthAppRole, AppRole: vault.AppRoleAuth{RoleID: roleID, SecretIDFile: sf}}
+	return cfg, secretID
+}
+
 func (f *fixture) config(t *testing.T, mode string) vault.Config {
 	t.Helper()
 	tf, _ := f.tokenFile(t, time.Hour)
@@ -119,11 +132,7 @@ func TestConformance(t *testing.T) {
 func TestAuthMethods(t *testing.T) {
 	f := newFixture(t)
 	t.Run("approle", func(t *testing.T) {
-		roleID, secretID := f.env.EnableAppRole(t, "meshca", "meshca", time.Hour)
-		sf := filepath.Join(t.TempDir(), "secret-id")
-		require.NoError(t, os.WriteFile(sf, []byte(secretID), 0o600))
-		cfg := f.config(t, vault.ModeDirect)
-		cfg.Auth = vault.Auth{Method: vault.AuthAppRole, AppRole: vault.AppRoleAuth{RoleID: roleID, SecretIDFile: sf}}
+		cfg, _ := f.appRoleConfig(t, vault.ModeDirect, time.Hour)
 		c, err := ca.New(t.Context(), ca.Config{Backend: newBackend(t, cfg, vault.Deps{})})
 		require.NoError(t, err)
 		_, err = sign(t, c, t.Context())
@@ -209,11 +218,7 @@ func TestStartupValidation(t *testing.T) {
 func TestTokenRevokedLogsInAgain(t *testing.T) {
 	f := newFixture(t)
 	t.Run("approle", func(t *testing.T) {
-		roleID, secretID := f.env.EnableAppRole(t, "meshca", "meshca", time.Hour)
-		sf := filepath.Join(t.TempDir(), "secret-id")
-		require.NoError(t, os.WriteFile(sf, []byte(secretID), 0o600))
-		cfg := f.config(t, vault.ModeDirect)
-		cfg.Auth = vault.Auth{Method: vault.AuthAppRole, AppRole: vault.AppRoleAuth{RoleID: roleID, SecretIDFile: sf}}
+		cfg, _ := f.appRoleConfig(t, vault.ModeDirect, time.Hour)
 		reg := prometheus.NewRegistry()
 		b := newBackend(t, cfg, vault.Deps{Registerer: reg, MinLoginInterval: time.Millisecond})
 		c, err := ca.New(t.Context(), ca.Config{Backend: b})
@@ -261,11 +266,7 @@ func TestTokenRevokedLogsInAgain(t *testing.T) {
 // lifetime watcher, and signing keeps working past its first TTL.
 func TestTokenKeptAlive(t *testing.T) {
 	f := newFixture(t)
-	roleID, secretID := f.env.EnableAppRole(t, "meshca", "meshca", 3*time.Second)
-	sf := filepath.Join(t.TempDir(), "secret-id")
-	require.NoError(t, os.WriteFile(sf, []byte(secretID), 0o600))
-	cfg := f.config(t, vault.ModeDirect)
-	cfg.Auth = vault.Auth{Method: vault.AuthAppRole, AppRole: vault.AppRoleAuth{RoleID: roleID, SecretIDFile: sf}}
+	cfg, _ := f.appRoleConfig(t, vault.ModeDirect, 3*time.Second)
 	reg := prometheus.NewRegistry()
 	b := newBackend(t, cfg, vault.Deps{Registerer: reg, MinLoginInterval: time.Hour})
 	c, err := ca.New(t.Context(), ca.Config{Backend: b})
@@ -285,11 +286,7 @@ func TestTokenKeptAlive(t *testing.T) {
 // growing waits instead of spinning, and reports the failure.
 func TestLoginRetryBacksOff(t *testing.T) {
 	f := newFixture(t)
-	roleID, secretID := f.env.EnableAppRole(t, "meshca", "meshca", 2*time.Second)
-	sf := filepath.Join(t.TempDir(), "secret-id")
-	require.NoError(t, os.WriteFile(sf, []byte(secretID), 0o600))
-	cfg := f.config(t, vault.ModeIntermediate)
-	cfg.Auth = vault.Auth{Method: vault.AuthAppRole, AppRole: vault.AppRoleAuth{RoleID: roleID, SecretIDFile: sf}}
+	cfg, secretID := f.appRoleConfig(t, vault.ModeIntermediate, 2*time.Second)
 	reg := prometheus.NewRegistry()
 	b := newBackend(t, cfg, vault.Deps{Registerer: reg})
 	// The secret ID is destroyed: once the token's max TTL ends, no login
