@@ -24,7 +24,7 @@ const passthroughTemplate = "arn:aws:acm-pca:::template/" + awspca.TemplateEndEn
 // a CA core, as meshca runs it.
 func directHeld(t *testing.T, ecfg awspcaemu.Config, edit func(*awspca.Config)) (*awspcaemu.Emulator, backendtest.Held) {
 	t.Helper()
-	awsEnv(t)
+	awspcaemu.SetCredentials(t)
 	e := awspcaemu.Start(t, ecfg)
 	cfg := emulatorConfig(e, awspca.ModeDirect)
 	cfg.TemplateARN = passthroughTemplate
@@ -42,7 +42,7 @@ func signLeaf(t *testing.T, h backendtest.Held) (*ca.SignResponse, error) {
 }
 
 func TestEmulatorDirectCapsNotAfter(t *testing.T) {
-	awsEnv(t)
+	awspcaemu.SetCredentials(t)
 	e := awspcaemu.Start(t, awspcaemu.Config{Subordinate: true, CAValidity: 48 * time.Hour})
 	cfg := emulatorConfig(e, awspca.ModeDirect)
 	cfg.TemplateARN = passthroughTemplate
@@ -78,7 +78,7 @@ func TestEmulatorDirectDefaultTemplateCopiesCSRNames(t *testing.T) {
 }
 
 func TestEmulatorIntermediateMintsUnderTheCA(t *testing.T) {
-	awsEnv(t)
+	awspcaemu.SetCredentials(t)
 	e := awspcaemu.Start(t, awspcaemu.Config{Subordinate: true, CAValidity: 48 * time.Hour})
 	a := newBackend(t, emulatorConfig(e, awspca.ModeIntermediate)).(*awspca.Authority)
 	key := catest.Key(t, "P-256")
@@ -116,7 +116,7 @@ func TestEmulatorStartupValidation(t *testing.T) {
 			wantErr: ca.ErrBackendUnavailable, setting: "backend.awsPCA.endpoint"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			awsEnv(t)
+			awspcaemu.SetCredentials(t)
 			e := awspcaemu.Start(t, tc.emu)
 			cfg := emulatorConfig(e, awspca.ModeIntermediate)
 			if tc.edit != nil {
@@ -130,7 +130,7 @@ func TestEmulatorStartupValidation(t *testing.T) {
 }
 
 func TestEmulatorShortLivedCARefusesIntermediate(t *testing.T) {
-	awsEnv(t)
+	awspcaemu.SetCredentials(t)
 	e := awspcaemu.Start(t, awspcaemu.Config{UsageMode: awspcaemu.UsageShortLived})
 	cfg := emulatorConfig(e, awspca.ModeIntermediate)
 	cfg.IntermediateTTL = 30 * 24 * time.Hour
@@ -201,7 +201,7 @@ func TestEmulatorDownThenRecovers(t *testing.T) {
 }
 
 func TestEmulatorIntermediateDownKeepsSigning(t *testing.T) {
-	awsEnv(t)
+	awspcaemu.SetCredentials(t)
 	e := awspcaemu.Start(t, awspcaemu.Config{Subordinate: true})
 	cfg := emulatorConfig(e, awspca.ModeIntermediate)
 	cfg.IssueTimeout = 2 * time.Second

@@ -14,7 +14,7 @@ import (
 )
 
 func TestEmulatorMetricsCountThrottling(t *testing.T) {
-	awsEnv(t)
+	awspcaemu.SetCredentials(t)
 	e := awspcaemu.Start(t, awspcaemu.Config{})
 	cfg := emulatorConfig(e, awspca.ModeDirect)
 	cfg.TemplateARN = passthroughTemplate

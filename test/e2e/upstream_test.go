@@ -187,14 +187,9 @@ backend:
 // real AWS SDK, over the endpoint override) in both modes; the real
 // pilot-agent gets a certificate that chains to the emulated CA's root.
 func TestAWSPCABackend(t *testing.T) {
-	dir := t.TempDir()
 	// meshca finds credentials through the SDK's default chain: here, the
 	// environment it inherits.
-	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDEMULATOR")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "emulator-secret")
-	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "config"))
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "credentials"))
-	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	awspcaemu.SetCredentials(t)
 	for _, mode := range []string{"intermediate", "direct"} {
 		t.Run(mode, func(t *testing.T) {
 			emu := awspcaemu.Start(t, awspcaemu.Config{Subordinate: true})
