@@ -71,6 +71,13 @@ func serveCmd(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(cfg.Log, stderr)
+	if cfg.Server.GCHeapFloorMiB > 0 {
+		stop, on := startHeapFloor(uint64(cfg.Server.GCHeapFloorMiB) << 20)
+		defer stop()
+		if !on {
+			log.Info("server.gcHeapFloorMiB ignored: the GOGC environment variable is set", "GOGC", os.Getenv("GOGC"))
+		}
+	}
 	// client-go logs through klog; route it into the same structured log.
 	klog.SetSlogLogger(log.With("component", "client-go"))
 	// Bind first: a second meshca on the same ports must fail before it

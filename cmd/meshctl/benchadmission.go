@@ -12,7 +12,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"runtime/debug"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -48,12 +47,7 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 	if *renewers < 1 || *renewConns < 1 || *podRate < 1 {
 		return fmt.Errorf("--renewers, --renew-conns and --pod-rate must be at least 1")
 	}
-	// The load generator shares the cores with meshca: its own garbage
-	// collection would add to the latency it measures. GOGC, when set,
-	// still wins.
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(400)
-	}
+	loadGenGC()
 	cfg, key, err := loadDevKey(*cfgPath)
 	if err != nil {
 		return err

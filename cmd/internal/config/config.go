@@ -74,6 +74,11 @@ type Server struct {
 	// MaxClientChain bounds the certificates a client may send in its TLS
 	// handshake.
 	MaxClientChain int `yaml:"maxClientChain"`
+	// GCHeapFloorMiB keeps the Go garbage collector's heap goal at least
+	// this large, so that a small live heap is not collected several times
+	// a second under load; -1 turns it off, and a GOGC environment
+	// variable overrides it.
+	GCHeapFloorMiB int `yaml:"gcHeapFloorMiB"`
 }
 
 // Authn configures how callers are authenticated.
@@ -257,6 +262,9 @@ func (c *Config) applyDefaults() {
 	if c.Server.MaxClientChain == 0 {
 		c.Server.MaxClientChain = 4
 	}
+	if c.Server.GCHeapFloorMiB == 0 {
+		c.Server.GCHeapFloorMiB = 128
+	}
 	if c.Authn.Chain == nil {
 		c.Authn.Chain = []string{AuthClientCert, AuthTokenReview}
 	}
@@ -366,6 +374,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Server.MaxClientChain < 1 || c.Server.MaxClientChain > 10 {
 		bad("server.maxClientChain", "must be between 1 and 10, got %d", c.Server.MaxClientChain)
+	}
+	if c.Server.GCHeapFloorMiB < -1 || c.Server.GCHeapFloorMiB > 1<<20 {
+		bad("server.gcHeapFloorMiB", "must be -1 (off) or between 1 and 1048576, got %d", c.Server.GCHeapFloorMiB)
 	}
 	if c.Server.MaxHeaderListBytes < 20<<10 {
 		bad("server.maxHeaderListBytes", "must be at least 20480 (a token may be 16 KiB), got %d", c.Server.MaxHeaderListBytes)

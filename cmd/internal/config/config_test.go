@@ -51,6 +51,7 @@ func TestParseDefaultsAndValidation(t *testing.T) {
 	require.Equal(t, []string{"istio-ca"}, c.Authn.Audiences)
 	require.True(t, *c.Authn.CheckServiceAccounts)
 	require.Equal(t, []string{"istio-system/ztunnel"}, c.Authn.TrustedNodeAgents)
+	require.Equal(t, 128, c.Server.GCHeapFloorMiB)
 	require.Equal(t, "selfsigned", c.Backend.Type)
 	require.True(t, c.NeedsKube())
 
@@ -71,6 +72,7 @@ func TestParseDefaultsAndValidation(t *testing.T) {
 		{"refetch interval that would let forged key IDs hammer the JWKS source", "authn:\n  jwt:\n    refetchInterval: 10ms\n", []string{"authn.jwt.refetchInterval: must be at least 1s"}},
 		{"header list too small for a token", "server:\n  maxHeaderListBytes: 1024\n", []string{"server.maxHeaderListBytes: must be at least 20480"}},
 		{"client chain limit out of range", "server:\n  maxClientChain: 50\n", []string{"server.maxClientChain: must be between 1 and 10"}},
+		{"heap floor out of range", "server:\n  gcHeapFloorMiB: -2\n", []string{"server.gcHeapFloorMiB: must be -1 (off) or between 1 and 1048576, got -2"}},
 		{"request timeout too short", "server:\n  requestTimeout: 1ms\n", []string{"server.requestTimeout: must be at least 1s"}},
 		{"sds limits", "sds:\n  maxStreams: -1\n  recheckInterval: 1ms\n", []string{"sds.maxStreams: must be at least 1", "sds.recheckInterval: must be at least 1s"}},
 		{"admission rates", "admission:\n  peerRate: -5\n  queueWait: 2m\n", []string{"admission: peerRate and identityRate must be positive", "admission.queueWait: must be between 1ms and 1m"}},
