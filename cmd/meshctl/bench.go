@@ -47,6 +47,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	identities := fs.Int("identities", 64, "distinct service accounts (each with its own token and CSR)")
 	metricsURL := fs.String("metrics", "http://127.0.0.1:15014/metrics", "the server's /metrics, for server CPU and RSS ('' to skip)")
 	cpuProfile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
+	client := fs.String("client", clientH2, "h2: each connection carries one call at a time, framed by meshctl on the worker's goroutine (cheap on CPU that the server shares); grpc: grpc-go's client, whose connections --conns may share")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -59,6 +60,9 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if storms, err = positiveList("--storm", *storm); err != nil {
 			return err
 		}
+	}
+	if *client != clientH2 && *client != clientGRPC {
+		return fmt.Errorf("--client must be %s or %s, got %q", clientH2, clientGRPC, *client)
 	}
 	if *conns < 0 || *identities < 1 {
 		return errors.New("--conns must be at least 0 and --identities at least 1")
@@ -103,7 +107,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		defer pprof.StopCPUProfile()
 	}
 	b := &bench{
-		addr: *addr, caCert: *caCert, metricsURL: *metricsURL,
+		addr: *addr, caCert: *caCert, metricsURL: *metricsURL, client: *client,
 		ids: ids, mint: mint, stdout: stdout, stderr: stderr,
 	}
 	if storms != nil {
@@ -126,6 +130,7 @@ type benchIdent struct{ sa, token, csr string }
 
 type bench struct {
 	addr, caCert, metricsURL string
+	client                   string // clientH2 or clientGRPC
 	ids                      []benchIdent
 	mint                     func(ns, sa, pod string, ttl time.Duration) (string, error)
 	stdout, stderr           io.Writer
@@ -153,12 +158,13 @@ func (b *bench) levels(ctx context.Context, cs []int, conns int, duration, warmu
 	} else {
 		fmt.Fprintf(b.stderr, "connections: %d, shared round-robin by the clients\n", conns)
 	}
-	var (
-		clients []pb.IstioCertificateServiceClient
-		open    []*grpc.ClientConn
-	)
+	tlsCfg, err := clientTLS(b.addr, b.caCert)
+	if err != nil {
+		return err
+	}
+	var clients []certClient
 	defer func() {
-		for _, c := range open {
+		for _, c := range clients {
 			_ = c.Close()
 		}
 	}()
@@ -176,13 +182,15 @@ func (b *bench) levels(ctx context.Context, cs []int, conns int, duration, warmu
 		if want == 0 {
 			want = c
 		}
+		if want < c && b.client == clientH2 {
+			return fmt.Errorf("--client %s carries one call at a time per connection: with --conns %d below concurrency %d, use --client %s", clientH2, want, c, clientGRPC)
+		}
 		for len(clients) < want {
-			conn, err := dial(b.addr, b.caCert)
+			cl, err := newCertClient(ctx, b.client, b.addr, tlsCfg)
 			if err != nil {
 				return err
 			}
-			open = append(open, conn)
-			clients = append(clients, pb.NewIstioCertificateServiceClient(conn))
+			clients = append(clients, cl)
 		}
 		run := func(d time.Duration, limit int, record bool) (n int, errs int64, lat []time.Duration) {
 			var (
@@ -210,7 +218,7 @@ func (b *bench) levels(ctx context.Context, cs []int, conns int, duration, warmu
 						id := b.ids[i%len(b.ids)]
 						t0 := time.Now()
 						cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-						_, err := cl.CreateCertificate(withToken(cctx, id.token), &pb.IstioCertificateRequest{Csr: id.csr}, grpc.WaitForReady(true))
+						_, err := cl.CreateCertificate(cctx, id.token, &pb.IstioCertificateRequest{Csr: id.csr})
 						cancel()
 						if err != nil {
 							failed.Add(1)

@@ -124,10 +124,14 @@ func TestBenchOneConnectionPerClient(t *testing.T) {
 	require.EqualValues(t, 3, f.accepted.Load(), "level 1 opens one connection, level 3 two more")
 
 	f.accepted.Store(0)
-	_, _, err = runMeshctl(t, "bench", "--addr", addr, "--ca-cert", root, "--metrics", "",
+	_, _, err = runMeshctl(t, "bench", "--addr", addr, "--ca-cert", root, "--metrics", "", "--client", "grpc",
 		"--concurrency", "4", "--conns", "2", "--duration", "100ms", "--warmup", "0s", "--identities", "4")
 	require.NoError(t, err)
 	require.EqualValues(t, 2, f.accepted.Load(), "--conns 2: four clients share two connections")
+
+	_, _, err = runMeshctl(t, "bench", "--addr", addr, "--ca-cert", root, "--metrics", "",
+		"--concurrency", "4", "--conns", "2", "--duration", "100ms", "--warmup", "0s", "--identities", "4")
+	require.ErrorContains(t, err, "use --client grpc", "h2 connections carry one call at a time")
 }
 
 func TestBenchStorm(t *testing.T) {
@@ -152,6 +156,7 @@ func TestBenchRefusesBadLists(t *testing.T) {
 		{"bench", "--storm", "10,x"},
 		{"bench", "--concurrency", "-1"},
 		{"bench", "--conns", "-1"},
+		{"bench", "--client", "http1"},
 	} {
 		_, _, err := runMeshctl(t, args...)
 		require.ErrorContains(t, err, args[1], "refused before any key is looked for")

@@ -6,11 +6,9 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"slices"
 	"sync"
@@ -18,8 +16,6 @@ import (
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 )
@@ -35,7 +31,7 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 	caCert := fs.String("ca-cert", defaultCACert, "PEM roots of meshca's serving certificate")
 	cfgPath := fs.String("config", "", "meshca configuration, for the dev token key (default: embedded dev config)")
 	renewers := fs.Int("renewers", 64, "concurrent renewals in the storm")
-	renewConns := fs.Int("renew-conns", 16, "connections (each its own workload's client certificate) the renewals use")
+	renewConns := fs.Int("renew-conns", 0, "connections (each its own workload's client certificate) the renewals use (0: one per renewal in flight, as each proxy has its own)")
 	podRate := fs.Int("pod-rate", 100, "new pods per second, in both phases")
 	idle := fs.Duration("idle", 5*time.Second, "the idle phase")
 	storm := fs.Duration("storm", 10*time.Second, "the storm phase")
@@ -44,8 +40,11 @@ func benchAdmissionCmd(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *renewers < 1 || *renewConns < 1 || *podRate < 1 {
-		return fmt.Errorf("--renewers, --renew-conns and --pod-rate must be at least 1")
+	if *renewers < 1 || *renewConns < 0 || *podRate < 1 {
+		return fmt.Errorf("--renewers and --pod-rate must be at least 1, and --renew-conns at least 0")
+	}
+	if *renewConns == 0 {
+		*renewConns = *renewers
 	}
 	loadGenGC()
 	cfg, key, err := loadDevKey(*cfgPath)
@@ -208,18 +207,12 @@ func pctDur(sorted []time.Duration, q float64) time.Duration {
 	return sorted[min(int(float64(len(sorted))*q), len(sorted)-1)]
 }
 
-// dialWithCert dials meshca presenting a certificate chain (leaf first, as
-// CreateCertificate returns it, root last) and its key.
-func dialWithCert(addr, caCertFile string, key *ecdsa.PrivateKey, chainPEM []string) (*grpc.ClientConn, error) {
-	pemBytes, err := os.ReadFile(caCertFile)
+// tlsWithCert is clientTLS presenting the certificate chain (leaf first,
+// root dropped) with its key.
+func tlsWithCert(addr, caCertFile string, key *ecdsa.PrivateKey, chainPEM []string) (*tls.Config, error) {
+	cfg, err := clientTLS(addr, caCertFile)
 	if err != nil {
-		return nil, fmt.Errorf("read --ca-cert: %w", err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pemBytes)
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("--addr: %w", err)
+		return nil, err
 	}
 	cert := tls.Certificate{PrivateKey: key}
 	for _, p := range chainPEM[:max(1, len(chainPEM)-1)] {
@@ -229,6 +222,6 @@ func dialWithCert(addr, caCertFile string, key *ecdsa.PrivateKey, chainPEM []str
 		}
 		cert.Certificate = append(cert.Certificate, c.Raw)
 	}
-	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}})
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	cfg.Certificates = []tls.Certificate{cert}
+	return cfg, nil
 }

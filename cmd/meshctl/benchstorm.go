@@ -35,7 +35,7 @@ type storm struct {
 	renewed, shed, other atomic.Int64
 	done                 chan struct{}
 	wg                   sync.WaitGroup
-	conns                []*grpc.ClientConn
+	conns                []certClient
 }
 
 // startStorm gives each renewing workload a certificate (with a token),
@@ -43,7 +43,6 @@ type storm struct {
 // connection of its own.
 func startStorm(ctx context.Context, a stormArgs) (*storm, error) {
 	st := &storm{done: make(chan struct{})}
-	clients := make([]pb.IstioCertificateServiceClient, a.renewConns)
 	csrs := make([]string, a.renewConns)
 	first, err := dial(a.addr, a.caCert)
 	if err != nil {
@@ -51,7 +50,7 @@ func startStorm(ctx context.Context, a stormArgs) (*storm, error) {
 	}
 	defer first.Close()
 	firstClient := pb.NewIstioCertificateServiceClient(first)
-	for i := range clients {
+	for i := range csrs {
 		tok, err := a.mint("admission", fmt.Sprintf("renewer-%d", i))
 		if err != nil {
 			return nil, err
@@ -72,16 +71,27 @@ func startStorm(ctx context.Context, a stormArgs) (*storm, error) {
 		if err != nil {
 			return nil, fmt.Errorf("first certificate for a renewing workload: %w", err)
 		}
-		conn, err := dialWithCert(a.addr, a.caCert, k, resp.CertChain)
+		cfg, err := tlsWithCert(a.addr, a.caCert, k, resp.CertChain)
+		if err != nil {
+			return nil, err
+		}
+		// The renewers' client is light on CPU (h2Conn) when each has a
+		// connection of its own: the storm shares the cores with meshca
+		// and with the new pods whose latency is measured.
+		kind := clientGRPC
+		if a.renewConns >= a.renewers {
+			kind = clientH2
+		}
+		conn, err := newCertClient(ctx, kind, a.addr, cfg)
 		if err != nil {
 			return nil, err
 		}
 		st.conns = append(st.conns, conn)
-		clients[i], csrs[i] = pb.NewIstioCertificateServiceClient(conn), string(csr)
+		csrs[i] = string(csr)
 	}
 	for w := range a.renewers {
 		st.wg.Go(func() {
-			c, csr := clients[w%len(clients)], csrs[w%len(csrs)]
+			c, csr := st.conns[w%len(st.conns)], csrs[w%len(csrs)]
 			for {
 				select {
 				case <-st.done:
@@ -89,7 +99,7 @@ func startStorm(ctx context.Context, a stormArgs) (*storm, error) {
 				default:
 				}
 				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				_, err := c.CreateCertificate(cctx, &pb.IstioCertificateRequest{Csr: csr})
+				_, err := c.CreateCertificate(cctx, "", &pb.IstioCertificateRequest{Csr: csr})
 				cancel()
 				switch status.Code(err) {
 				case codes.OK:

@@ -181,11 +181,16 @@ func makeCSR(key crypto.Signer, id spiffeid.ID) ([]byte, error) {
 // dial opens a TLS gRPC connection to meshca, verifying its serving
 // certificate against the roots in caCertFile.
 func dial(addr, caCertFile string) (*grpc.ClientConn, error) {
-	creds, err := clientCreds(addr, caCertFile)
+	cfg, err := clientTLS(addr, caCertFile)
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	return grpcDial(addr, cfg)
+}
+
+// grpcDial makes a grpc-go client connection over TLS with cfg.
+func grpcDial(addr string, cfg *tls.Config) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -195,6 +200,15 @@ func dial(addr, caCertFile string) (*grpc.ClientConn, error) {
 // clientCreds is the TLS client side of dial: meshca's serving certificate
 // verified against the roots in caCertFile, for the host part of addr.
 func clientCreds(addr, caCertFile string) (credentials.TransportCredentials, error) {
+	cfg, err := clientTLS(addr, caCertFile)
+	if err != nil {
+		return nil, err
+	}
+	return credentials.NewTLS(cfg), nil
+}
+
+// clientTLS is the TLS configuration of clientCreds.
+func clientTLS(addr, caCertFile string) (*tls.Config, error) {
 	pemBytes, err := os.ReadFile(caCertFile)
 	if err != nil {
 		return nil, fmt.Errorf("read --ca-cert: %w (in dev mode meshca writes it when it starts)", err)
@@ -207,7 +221,7 @@ func clientCreds(addr, caCertFile string) (credentials.TransportCredentials, err
 	if err != nil {
 		return nil, fmt.Errorf("--addr: %w", err)
 	}
-	return credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12}), nil
+	return &tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12}, nil
 }
 
 func withToken(ctx context.Context, tok string) context.Context {
