@@ -47,7 +47,7 @@ type h2Conn struct {
 	streamInit int64  // the server's initial stream window
 	maxFrame   uint32 // the server's maximum frame size
 	unacked    uint32 // DATA bytes received and not yet credited back
-	done       bool // after GOAWAY or a broken frame exchange
+	done       bool   // after GOAWAY or a broken frame exchange
 	msg, body  []byte
 }
 
