@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -122,6 +123,11 @@ func (c *h2Conn) Invoke(ctx context.Context, method, token string, req, resp pro
 		if ctx.Err() != nil {
 			return status.FromContextError(ctx.Err()).Err()
 		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// The connection's deadline, which is ctx's, passed a moment
+			// before ctx noticed.
+			return status.Error(codes.DeadlineExceeded, err.Error())
+		}
 		return status.Error(codes.Unavailable, err.Error())
 	}
 	return err
@@ -162,12 +168,12 @@ func (c *h2Conn) invoke(method, token string, req, resp proto.Message) error {
 	// server a frame and a wake-up of its writer per call.
 	if c.unacked >= creditAt {
 		if err := c.fr.WriteWindowUpdate(0, c.unacked); err != nil {
-			return fmt.Errorf("%w: %v", errBroken, err)
+			return fmt.Errorf("%w: %w", errBroken, err)
 		}
 		c.unacked = 0
 	}
 	if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: c.hbuf.Bytes(), EndHeaders: true}); err != nil {
-		return fmt.Errorf("%w: %v", errBroken, err)
+		return fmt.Errorf("%w: %w", errBroken, err)
 	}
 	// The message goes out as the connection window allows; the server
 	// grants more with WINDOW_UPDATE frames as it reads.
@@ -182,7 +188,7 @@ func (c *h2Conn) invoke(method, token string, req, resp proto.Message) error {
 		}
 		chunk := min(int64(len(rest)), c.sendWindow, int64(c.maxFrame))
 		if err := c.fr.WriteData(id, chunk == int64(len(rest)), rest[:chunk]); err != nil {
-			return fmt.Errorf("%w: %v", errBroken, err)
+			return fmt.Errorf("%w: %w", errBroken, err)
 		}
 		c.sendWindow -= chunk
 		rest = rest[chunk:]
@@ -198,7 +204,7 @@ func (c *h2Conn) invoke(method, token string, req, resp proto.Message) error {
 func (c *h2Conn) readFor(id uint32) (http2.Frame, error) {
 	f, err := c.fr.ReadFrame()
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errBroken, err)
+		return nil, fmt.Errorf("%w: %w", errBroken, err)
 	}
 	switch f := f.(type) {
 	case *http2.SettingsFrame:
@@ -215,7 +221,7 @@ func (c *h2Conn) readFor(id uint32) (http2.Frame, error) {
 			return nil
 		})
 		if err := c.fr.WriteSettingsAck(); err != nil {
-			return nil, fmt.Errorf("%w: %v", errBroken, err)
+			return nil, fmt.Errorf("%w: %w", errBroken, err)
 		}
 		return nil, c.flush()
 	case *http2.PingFrame:
@@ -223,7 +229,7 @@ func (c *h2Conn) readFor(id uint32) (http2.Frame, error) {
 			return nil, nil
 		}
 		if err := c.fr.WritePing(true, f.Data); err != nil {
-			return nil, fmt.Errorf("%w: %v", errBroken, err)
+			return nil, fmt.Errorf("%w: %w", errBroken, err)
 		}
 		return nil, c.flush()
 	case *http2.WindowUpdateFrame:
@@ -246,7 +252,7 @@ func (c *h2Conn) readFor(id uint32) (http2.Frame, error) {
 
 func (c *h2Conn) flush() error {
 	if err := c.bw.Flush(); err != nil {
-		return fmt.Errorf("%w: %v", errBroken, err)
+		return fmt.Errorf("%w: %w", errBroken, err)
 	}
 	return nil
 }
@@ -271,10 +277,10 @@ func (c *h2Conn) response(id uint32, resp proto.Message) error {
 			if streamUnacked >= creditAt {
 				// A large response: credit the stream and the connection now.
 				if err := c.fr.WriteWindowUpdate(id, streamUnacked); err != nil {
-					return fmt.Errorf("%w: %v", errBroken, err)
+					return fmt.Errorf("%w: %w", errBroken, err)
 				}
 				if err := c.fr.WriteWindowUpdate(0, c.unacked); err != nil {
-					return fmt.Errorf("%w: %v", errBroken, err)
+					return fmt.Errorf("%w: %w", errBroken, err)
 				}
 				streamUnacked, c.unacked = 0, 0
 				if err := c.flush(); err != nil {
