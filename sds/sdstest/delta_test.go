@@ -126,13 +126,27 @@ func TestDeltaReconnectSendsInitialResourceVersions(t *testing.T) {
 	require.Empty(t, req.GetResponseNonce())
 
 	// The server knows the client holds default at its version: it sends
-	// only the root that changed.
-	_, resp2 := srv.nextDeltaResponse(t)
+	// only the root that changed. (The first stream may have sent one more
+	// response, and had it ACKed, before it was stopped: skip those.)
+	var resp2 *discoveryv3.DeltaDiscoveryResponse
+	for resp2 == nil {
+		if id, r := srv.nextDeltaResponse(t); id == second {
+			resp2 = r
+		}
+	}
 	require.Equal(t, []string{"ROOTCA"}, sorted(keys(resourceVersions(resp2))))
-	_, ack := srv.nextDeltaRequest(t)
+	var ack *discoveryv3.DeltaDiscoveryRequest
+	for ack == nil {
+		if id, r := srv.nextDeltaRequest(t); id == second {
+			ack = r
+		}
+	}
 	requireDeltaACK(t, ack, resp2)
 
-	st = wait(t, c, func(s State) bool { return s.ACKs == 2 })
+	st = wait(t, c, func(s State) bool {
+		roots, err := ParseValidationContext(s.Secrets["ROOTCA"].Secret)
+		return s.ACKs >= 2 && err == nil && roots[0].Equal(newRoot)
+	})
 	require.Equal(t, 2, st.Streams)
 	require.GreaterOrEqual(t, st.Reconnects, 1)
 	roots, err := ParseValidationContext(st.Secrets["ROOTCA"].Secret)
