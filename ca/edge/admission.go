@@ -49,6 +49,13 @@ type AdmissionConfig struct {
 	// The cap holds only while first certificates are being asked for
 	// (one within FirstWindow): renewals alone use every slot.
 	MaxRenewalsInFlight int
+	// MaxRenewalsQueued bounds the renewals waiting for a slot while the
+	// renewal cap is on; more are refused at once with ResourceExhausted
+	// and a retry hint. Each waiting renewal is a proxy's request read,
+	// parsed and parked, and its connection's traffic, on the CPUs the new
+	// pods need; a renewing proxy loses nothing by coming back a second
+	// later. Default 2 × GOMAXPROCS.
+	MaxRenewalsQueued int
 	// FirstWindow is how long after a first certificate was asked for the
 	// renewal cap stays on. Default 1s.
 	FirstWindow time.Duration
@@ -180,6 +187,9 @@ func NewAdmission(cfg AdmissionConfig) *Admission {
 		cfg.MaxRenewalsInFlight = max(1, runtime.GOMAXPROCS(0)/2)
 	}
 	cfg.MaxRenewalsInFlight = min(cfg.MaxRenewalsInFlight, cfg.MaxInFlight)
+	if cfg.MaxRenewalsQueued <= 0 {
+		cfg.MaxRenewalsQueued = 2 * runtime.GOMAXPROCS(0)
+	}
 	if cfg.FirstWindow <= 0 {
 		cfg.FirstWindow = time.Second
 	}
@@ -276,9 +286,9 @@ func (a *Admission) Identity(id string, p Priority) error {
 
 // Acquire waits for an issuance slot and returns its release. When the
 // queue is full or the wait runs out it refuses. Renewals are refused
-// first: they may fill only half the queue, at most MaxRenewalsInFlight of
-// them run at once, and a freed slot goes to a first certificate before
-// them.
+// first: they may fill only half the queue, a freed slot goes to a first
+// certificate before them, and while first certificates are being asked
+// for at most MaxRenewalsInFlight of them run and MaxRenewalsQueued wait.
 func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), err error) {
 	release = a.releaseFirst
 	if p == PriorityRenewal {
@@ -297,6 +307,9 @@ func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), er
 	limit := a.cfg.Queue
 	if p == PriorityRenewal {
 		limit /= 2
+		if a.firstsLocked() && len(a.waiting[PriorityRenewal]) >= a.cfg.MaxRenewalsQueued {
+			queued = limit
+		}
 	}
 	if queued >= limit {
 		a.mu.Unlock()
@@ -342,7 +355,13 @@ func (a *Admission) canRunLocked(p Priority) bool {
 	if a.inFlight >= a.cfg.MaxInFlight {
 		return false
 	}
-	return p == PriorityFirst || a.renewing < a.cfg.MaxRenewalsInFlight || time.Since(a.lastFirst) > a.cfg.FirstWindow
+	return p == PriorityFirst || a.renewing < a.cfg.MaxRenewalsInFlight || !a.firstsLocked()
+}
+
+// firstsLocked reports whether first certificates are being asked for
+// (one within FirstWindow): the renewal caps are on.
+func (a *Admission) firstsLocked() bool {
+	return time.Since(a.lastFirst) <= a.cfg.FirstWindow
 }
 
 func (a *Admission) startLocked(p Priority) {

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -192,4 +193,76 @@ func TestAdmissionCapsRenewalsInFlight(t *testing.T) {
 		require.NoError(t, err)
 		defer r()
 	}
+}
+
+// While first certificates are being asked for, at most MaxRenewalsQueued
+// renewals wait; the next is refused at once with a retry hint. Without
+// first certificates, renewals queue up to half the queue as before.
+func TestAdmissionBoundsQueuedRenewals(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	a := NewAdmission(AdmissionConfig{MaxInFlight: 2, MaxRenewalsInFlight: 1, MaxRenewalsQueued: 2, Queue: 16,
+		QueueWait: 10 * time.Second, FirstWindow: time.Hour, Metrics: NewAdmissionMetrics(reg)})
+	shed := func() float64 { return testutil.ToFloat64(a.cfg.Metrics.Shed.WithLabelValues("overload", "renewal")) }
+	waiting := func(p Priority) int { a.mu.Lock(); defer a.mu.Unlock(); return len(a.waiting[p]) }
+	held := make(chan func(), 16)
+	inBackground := func(p Priority) {
+		go func() {
+			if r, err := a.Acquire(t.Context(), p); err == nil {
+				held <- r
+			}
+		}()
+	}
+	next := func() func() {
+		select {
+		case r := <-held:
+			return r
+		case <-time.After(5 * time.Second):
+			t.Fatal("no waiter got the freed slot")
+			return nil
+		}
+	}
+
+	// Renewals alone queue beyond MaxRenewalsQueued.
+	r1, err := a.Acquire(t.Context(), PriorityRenewal)
+	require.NoError(t, err)
+	r2, err := a.Acquire(t.Context(), PriorityRenewal)
+	require.NoError(t, err)
+	for range 4 {
+		inBackground(PriorityRenewal)
+	}
+	require.Eventually(t, func() bool { return waiting(PriorityRenewal) == 4 }, 5*time.Second, time.Millisecond)
+	require.Zero(t, shed())
+
+	// A first certificate is asked for (and waits: every slot is taken).
+	// Now a renewal is refused at once, with the queue's wait as its hint.
+	inBackground(PriorityFirst)
+	require.Eventually(t, func() bool { return waiting(PriorityFirst) == 1 }, 5*time.Second, time.Millisecond)
+	soon, cancel := context.WithTimeout(t.Context(), time.Second)
+	defer cancel()
+	_, err = a.Acquire(soon, PriorityRenewal)
+	var se *ShedError
+	require.ErrorAs(t, err, &se, "a renewal over MaxRenewalsQueued is refused at once")
+	require.Equal(t, "overload", se.Reason)
+	require.Equal(t, 10*time.Second, se.RetryAfter)
+	require.Equal(t, 1.0, shed())
+
+	// The queued renewals stay; the first certificate gets the first freed
+	// slot, then renewals run one at a time and the queue drains.
+	r2()
+	first := next()
+	r1()
+	renewal := next()
+	require.Equal(t, 3, waiting(PriorityRenewal))
+	renewal()
+	renewal = next()
+	renewal()
+	renewal = next()
+	require.Equal(t, 1, waiting(PriorityRenewal))
+
+	// Below the bound a renewal waits again instead of being refused.
+	inBackground(PriorityRenewal)
+	require.Eventually(t, func() bool { return waiting(PriorityRenewal) == 2 }, 5*time.Second, time.Millisecond)
+	require.Equal(t, 1.0, shed())
+	first()
+	renewal()
 }

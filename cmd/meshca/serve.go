@@ -262,8 +262,8 @@ func newServer(ctx context.Context, cfg *config.Config, log *slog.Logger) (*serv
 		PeerRate: cfg.Admission.PeerRate, PeerBurst: cfg.Admission.PeerBurst,
 		IdentityRate: cfg.Admission.IdentityRate, IdentityBurst: cfg.Admission.IdentityBurst,
 		MaxInFlight: cfg.Admission.MaxInFlight, Queue: cfg.Admission.Queue, QueueWait: cfg.Admission.QueueWait,
-		MaxRenewalsInFlight: cfg.Admission.MaxRenewalsInFlight,
-		Metrics:             edge.NewAdmissionMetrics(s.reg),
+		MaxRenewalsInFlight: cfg.Admission.MaxRenewalsInFlight, MaxRenewalsQueued: cfg.Admission.MaxRenewalsQueued,
+		Metrics: edge.NewAdmissionMetrics(s.reg),
 	})
 	istioEdge := edge.Edge{
 		Service: service.ServiceLabel, Authenticator: s.authn.Chain, Metrics: edgeMetrics,

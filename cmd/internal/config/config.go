@@ -185,8 +185,11 @@ type Admission struct {
 	Queue       int           `yaml:"queue"`
 	QueueWait   time.Duration `yaml:"queueWait"`
 	// MaxRenewalsInFlight bounds the renewals among the issuances at
-	// once (0: 2 × CPUs).
+	// once while first certificates are being asked for (0: CPUs / 2, at
+	// least 1); MaxRenewalsQueued bounds those waiting then (0: 2 × CPUs),
+	// more are refused with a retry hint.
 	MaxRenewalsInFlight int `yaml:"maxRenewalsInFlight"`
+	MaxRenewalsQueued   int `yaml:"maxRenewalsQueued"`
 }
 
 // Audit configures the audit trail.
@@ -449,8 +452,8 @@ func (c *Config) Validate() error {
 	if !(c.Admission.PeerRate > 0) || !(c.Admission.IdentityRate > 0) || math.IsInf(c.Admission.PeerRate, 0) || math.IsInf(c.Admission.IdentityRate, 0) {
 		bad("admission", "peerRate and identityRate must be positive numbers")
 	}
-	if c.Admission.PeerBurst < 1 || c.Admission.IdentityBurst < 1 || c.Admission.Queue < 1 || c.Admission.MaxInFlight < 0 || c.Admission.MaxRenewalsInFlight < 0 {
-		bad("admission", "peerBurst, identityBurst and queue must be at least 1, maxInFlight and maxRenewalsInFlight not negative")
+	if c.Admission.PeerBurst < 1 || c.Admission.IdentityBurst < 1 || c.Admission.Queue < 1 || c.Admission.MaxInFlight < 0 || c.Admission.MaxRenewalsInFlight < 0 || c.Admission.MaxRenewalsQueued < 0 {
+		bad("admission", "peerBurst, identityBurst and queue must be at least 1, maxInFlight, maxRenewalsInFlight and maxRenewalsQueued not negative")
 	}
 	if c.Admission.QueueWait < time.Millisecond || c.Admission.QueueWait > time.Minute {
 		bad("admission.queueWait", "must be between 1ms and 1m, got %s", c.Admission.QueueWait)
