@@ -146,7 +146,10 @@ func (c *h2Conn) invoke(method, token string, req, resp proto.Message) error {
 		_ = c.henc.WriteField(f)
 	}
 	if token != "" {
-		_ = c.henc.WriteField(hpack.HeaderField{Name: "authorization", Value: "Bearer " + token, Sensitive: true})
+		// Indexed like any header, as grpc-go's client sends it: a proxy
+		// repeats its token on its connection, and the server then reads
+		// a table index instead of decoding the token again.
+		_ = c.henc.WriteField(hpack.HeaderField{Name: "authorization", Value: "Bearer " + token})
 	}
 	if uint32(c.hbuf.Len()) > c.maxFrame {
 		return status.Errorf(codes.Internal, "request headers of %d bytes exceed one frame (%d)", c.hbuf.Len(), c.maxFrame)
