@@ -307,11 +307,9 @@ func (a *Admission) Acquire(ctx context.Context, p Priority) (release func(), er
 	limit := a.cfg.Queue
 	if p == PriorityRenewal {
 		limit /= 2
-		if a.firstsLocked() && len(a.waiting[PriorityRenewal]) >= a.cfg.MaxRenewalsQueued {
-			queued = limit
-		}
 	}
-	if queued >= limit {
+	renewalsFull := p == PriorityRenewal && a.firstsLocked() && len(a.waiting[PriorityRenewal]) >= a.cfg.MaxRenewalsQueued
+	if queued >= limit || renewalsFull {
 		a.mu.Unlock()
 		return nil, a.overload(p)
 	}

@@ -61,8 +61,8 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 	}
-	if *client != clientH2 && *client != clientGRPC {
-		return fmt.Errorf("--client must be %s or %s, got %q", clientH2, clientGRPC, *client)
+	if err := checkClientKind(*client); err != nil {
+		return err
 	}
 	if *conns < 0 || *identities < 1 {
 		return errors.New("--conns must be at least 0 and --identities at least 1")

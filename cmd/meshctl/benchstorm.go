@@ -50,6 +50,13 @@ func startStorm(ctx context.Context, a stormArgs) (*storm, error) {
 	}
 	defer first.Close()
 	firstClient := pb.NewIstioCertificateServiceClient(first)
+	// The renewers' client is light on CPU (h2Conn) when each has a
+	// connection of its own: the storm shares the cores with meshca and
+	// with the new pods whose latency is measured.
+	kind := clientGRPC
+	if a.renewConns >= a.renewers {
+		kind = clientH2
+	}
 	for i := range csrs {
 		tok, err := a.mint("admission", fmt.Sprintf("renewer-%d", i))
 		if err != nil {
@@ -74,13 +81,6 @@ func startStorm(ctx context.Context, a stormArgs) (*storm, error) {
 		cfg, err := tlsWithCert(a.addr, a.caCert, k, resp.CertChain)
 		if err != nil {
 			return nil, err
-		}
-		// The renewers' client is light on CPU (h2Conn) when each has a
-		// connection of its own: the storm shares the cores with meshca
-		// and with the new pods whose latency is measured.
-		kind := clientGRPC
-		if a.renewConns >= a.renewers {
-			kind = clientH2
 		}
 		conn, err := newCertClient(ctx, kind, a.addr, cfg)
 		if err != nil {

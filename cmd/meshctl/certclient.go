@@ -91,14 +91,23 @@ func (h *h2Client) Close() error {
 	return h.conn.Close()
 }
 
+// checkClientKind refuses a --client value other than clientH2 and
+// clientGRPC.
+func checkClientKind(kind string) error {
+	if kind != clientH2 && kind != clientGRPC {
+		return fmt.Errorf("--client must be %s or %s, got %q", clientH2, clientGRPC, kind)
+	}
+	return nil
+}
+
 // newCertClient dials one connection of the kind named (clientH2 or
 // clientGRPC).
 func newCertClient(ctx context.Context, kind, addr string, cfg *tls.Config) (certClient, error) {
-	switch kind {
-	case clientH2:
-		return newH2Client(ctx, addr, cfg)
-	case clientGRPC:
-		return newGRPCClient(addr, cfg)
+	if err := checkClientKind(kind); err != nil {
+		return nil, err
 	}
-	return nil, fmt.Errorf("--client must be %s or %s, got %q", clientH2, clientGRPC, kind)
+	if kind == clientH2 {
+		return newH2Client(ctx, addr, cfg)
+	}
+	return newGRPCClient(addr, cfg)
 }
